@@ -1,0 +1,39 @@
+"""Pieces every config shares, and the variant-string parser.
+
+A variant is the text after ':' in --config=configs/x.py:variant, comma separated, e.g.
+``configs/toy2d_fgm.py:checkerboard,quick``.
+"""
+
+import ml_collections
+
+
+def parse_variant(variant, known):
+  """Set of variant words; unknown words stop with the list of known ones."""
+  words = {w.strip() for w in (variant or "").split(",") if w.strip()}
+  unknown = words - set(known)
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; known: {sorted(known)}.")
+  return words
+
+
+def optim(lr, b1=0.9, b2=0.999, warmup_steps=0, grad_clip=0.0, ema_decay=0.0):
+  return ml_collections.ConfigDict(dict(lr=lr, b1=b1, b2=b2, eps=1e-8, weight_decay=0.0,
+                                        warmup_steps=warmup_steps, grad_clip=grad_clip,
+                                        ema_decay=ema_decay))
+
+
+def mesh(data=-1, fsdp=1, tensor=1, rules=()):
+  """data=-1 uses every device not taken by fsdp/tensor; rules map logical axis names."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=rules))
+
+
+def base(job):
+  c = ml_collections.ConfigDict()
+  c.job = job
+  c.seed = 0
+  c.mesh = mesh()
+  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every=100, plot_every=0))
+  c.sample = ml_collections.ConfigDict(dict(steps=50, method="euler", shift=1.0, num=10000,
+                                            seed=1, use_ema=True))
+  return c

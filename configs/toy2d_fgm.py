@@ -1,0 +1,39 @@
+"""FGM distillation of the toy 2-D teacher into a one-step generator.
+
+    python -m fgm_jax.main --config=configs/toy2d_fgm.py:checkerboard --workdir=runs/fgm \\
+        --config.teacher.workdir=runs/t
+
+The teacher's whole config is nested under config.teacher (its model is the architecture of
+all three networks); config.teacher.workdir names the teacher run to restore.
+Variants: as configs/toy2d_teacher.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402
+from configs import toy2d_teacher  # noqa: E402
+
+
+def get_config(variant=""):
+  words = common.parse_variant(variant, toy2d_teacher.DISTRIBUTIONS + ("quick",))
+  c = common.base("distill")
+  c.teacher = toy2d_teacher.get_config(variant)
+  c.teacher.workdir = "runs/toy2d_teacher_" + c.teacher.data.distribution
+  c.teacher.use_ema = True
+  c.batch_size = 512
+  c.num_steps = 16_000
+  c.fgm = dict(alpha=1.0, weighting="sid_norm", t_star=1.0, t_min=0.0, t_max=1.0,
+               time_sampler="uniform", online_steps=1)
+  # Adam with beta1 = 0 for both networks, as in the FGM/SiD recipes.
+  c.optim = common.optim(lr=1e-4, b1=0.0, b2=0.999, ema_decay=0.999)  # generator
+  c.online_optim = common.optim(lr=1e-4, b1=0.0, b2=0.999)
+  c.log.plot_every = 4000
+  c.log.teacher_steps = (4, 50)
+  c.eval = dict(num_samples=20_000, teacher_steps=(1, 4, 50), seed=123)
+  if "quick" in words:
+    c.num_steps = 2000
+    c.optim.ema_decay = 0.99
+    c.log.plot_every = 2000
+  return c

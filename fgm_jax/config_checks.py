@@ -1,0 +1,160 @@
+"""Up-front validation of a run's ConfigDict: every error names the field and the fix.
+
+Runs before any model is built or compiled, so a bad value costs seconds, not a compile.
+"""
+
+import os
+
+import jax
+
+from fgm_jax import checkpoint
+from fgm_jax import data as data_lib
+from fgm_jax import fgm
+from fgm_jax import flow
+from fgm_jax import models
+
+JOBS = ("teacher", "distill", "sample", "evaluate")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message says which field and how to fix it."""
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def _check_optim(optim, field: str):
+  _require(optim.lr > 0, f"{field}.lr={optim.lr} must be > 0; e.g. --{field}.lr=1e-4.")
+  _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1,
+           f"{field}.b1={optim.b1}, {field}.b2={optim.b2} must lie in [0, 1).")
+  _require(0 <= optim.get("ema_decay", 0.0) < 1,
+           f"{field}.ema_decay={optim.get('ema_decay')} must lie in [0, 1); 0 disables the EMA.")
+  _require(optim.get("warmup_steps", 0) >= 0,
+           f"{field}.warmup_steps={optim.get('warmup_steps')} must be >= 0.")
+
+
+def _check_model_and_data(model, data, field: str):
+  _require(model.name in models.names(),
+           f"{field}.model.name={model.name!r} is not a known model; choose one of "
+           f"{models.names()}.")
+  _require(data.name in data_lib.names(),
+           f"{field}.data.name={data.name!r} is not a known dataset; choose one of "
+           f"{data_lib.names()}.")
+  if data.name == "toy2d":
+    from fgm_jax.data import toy2d
+    _require(data.distribution in toy2d.DISTRIBUTIONS,
+             f"{field}.data.distribution={data.distribution!r} is not a toy distribution; "
+             f"choose one of {sorted(toy2d.DISTRIBUTIONS)}.")
+
+
+def _check_batch(batch_size: int, device_count: int):
+  _require(batch_size > 0, f"config.batch_size={batch_size} must be > 0.")
+  _require(batch_size % device_count == 0,
+           f"config.batch_size={batch_size} is not divisible by the {device_count} devices the "
+           f"batch is split over; use a multiple of {device_count} "
+           f"(e.g. --config.batch_size={device_count * max(1, batch_size // device_count)}).")
+  _require(batch_size % jax.process_count() == 0,
+           f"config.batch_size={batch_size} is not divisible by the {jax.process_count()} "
+           "processes; use a multiple of the process count.")
+
+
+def _check_fgm(fgm_cfg):
+  _require(fgm_cfg.weighting in fgm.WEIGHTINGS,
+           f"config.fgm.weighting={fgm_cfg.weighting!r} is unknown; choose one of "
+           f"{fgm.WEIGHTINGS}.")
+  _require(0 < fgm_cfg.t_star <= 1, f"config.fgm.t_star={fgm_cfg.t_star} must lie in (0, 1].")
+  _require(0 <= fgm_cfg.t_min < fgm_cfg.t_max <= 1,
+           f"config.fgm.t_min={fgm_cfg.t_min}, t_max={fgm_cfg.t_max}: need "
+           "0 <= t_min < t_max <= 1.")
+  _require(fgm_cfg.online_steps >= 1,
+           f"config.fgm.online_steps={fgm_cfg.online_steps} must be >= 1.")
+
+
+def _check_teacher_checkpoint(teacher):
+  path = teacher.get("workdir", None)
+  _require(bool(path), "config.teacher.workdir is empty; set it to the --workdir of a "
+           "finished teacher run, e.g. --config.teacher.workdir=runs/toy2d_teacher.")
+  ckpt_dir = checkpoint.checkpoint_dir(path)
+  _require(checkpoint.latest_step(ckpt_dir) is not None,
+           f"config.teacher.workdir={path!r}: no teacher checkpoint found in {ckpt_dir}. "
+           "Train the teacher first (python -m fgm_jax.main --config=<teacher config> "
+           f"--workdir={path}) or point --config.teacher.workdir at its workdir.")
+
+
+def validate(config, device_count=None):
+  """Raises ConfigError for the first unusable value. Cheap: no model is built."""
+  _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
+  device_count = device_count or _batch_devices(config)
+  distill = "teacher" in config and "fgm" in config
+  if distill:
+    _check_model_and_data(config.teacher.model, config.teacher.data, "config.teacher")
+    _check_fgm(config.fgm)
+    _check_optim(config.optim, "config.optim")
+    _check_optim(config.online_optim, "config.online_optim")
+    _check_teacher_checkpoint(config.teacher)
+  else:
+    _check_model_and_data(config.model, config.data, "config")
+    _check_optim(config.optim, "config.optim")
+  _check_batch(config.batch_size, device_count)
+  _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
+  _require(config.sample.steps >= 1, f"config.sample.steps={config.sample.steps} must be >= 1.")
+  _require(config.sample.method in flow.SAMPLERS,
+           f"config.sample.method={config.sample.method!r} is unknown; choose one of "
+           f"{sorted(flow.SAMPLERS)}.")
+  _require(config.checkpoint.every >= 1,
+           f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
+
+
+def _batch_devices(config):
+  mesh = config.mesh
+  n = jax.device_count()
+  if mesh.data == -1:
+    return n // max(1, mesh.get("tensor", 1))
+  return mesh.data * mesh.fsdp
+
+
+def is_distill(config) -> bool:
+  return "teacher" in config and "fgm" in config
+
+
+def architecture(config):
+  """(model, data) configs that define the state's shapes, for either kind of run."""
+  if is_distill(config):
+    return config.teacher.model, config.teacher.data
+  return config.model, config.data
+
+
+def compare_with_saved(config, saved: dict, workdir: str):
+  """Stops when ``workdir`` holds a checkpoint from a config whose state would not fit."""
+  prefix = "config.teacher" if is_distill(config) else "config"
+  diffs = _diff(saved.get("fingerprint", {}), fingerprint(config), prefix)
+  if diffs:
+    lines = "\n  ".join(diffs)
+    raise ConfigError(
+        f"--workdir={workdir} holds a checkpoint from an incompatible config:\n  {lines}\n"
+        "Use a new --workdir for this config, or set those fields back to the saved values "
+        f"(the saved config is {os.path.join(workdir, 'config.json')}).")
+
+
+def fingerprint(config) -> dict:
+  model, data = architecture(config)
+  return {"kind": "distill" if is_distill(config) else "teacher",
+          "model": model.to_dict(), "data": data.to_dict()}
+
+
+def _diff(saved, current, prefix="config"):
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    name = "checkpoint kind" if key == "kind" else f"{prefix}.{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, name)
+    elif _norm(a) != _norm(b):
+      out.append(f"{name}: checkpoint has {a!r}, this config has {b!r}")
+  return out
+
+
+def _norm(v):
+  return list(v) if isinstance(v, tuple) else v

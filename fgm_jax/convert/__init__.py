@@ -1,0 +1,1 @@
+"""Weight conversion: diffusers/PyTorch safetensors <-> Flax params trees, both ways."""

@@ -1,0 +1,183 @@
+"""Generic helpers for moving weights between PyTorch layouts and Flax params trees.
+
+Layout facts the converters rely on:
+
+* ``torch.nn.Linear.weight`` is (out, in); a Flax ``Dense`` kernel is (in, out).
+* ``torch.nn.Conv2d.weight`` is OIHW; a Flax ``Conv`` kernel is HWIO.
+* Biases, norm scales and embeddings keep their layout.
+
+Params trees are nested dicts of arrays. A "flat" mapping uses tuple paths
+(``("blocks_0", "attn", "to_q", "kernel")``) as keys; ``path_str`` renders them with '/'.
+"""
+
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
+
+Path = Tuple[str, ...]
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def linear_to_dense(w):
+  """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+  _check_ndim(w, 2, "Linear weight")
+  return np.asarray(w).T
+
+
+def dense_to_linear(k):
+  """Flax Dense kernel (in, out) -> torch Linear weight (out, in)."""
+  _check_ndim(k, 2, "Dense kernel")
+  return np.ascontiguousarray(np.asarray(k).T)
+
+
+def conv_to_flax(w):
+  """torch Conv2d weight OIHW -> Flax Conv kernel HWIO."""
+  _check_ndim(w, 4, "Conv2d weight")
+  return np.transpose(np.asarray(w), (2, 3, 1, 0))
+
+
+def conv_to_torch(k):
+  """Flax Conv kernel HWIO -> torch Conv2d weight OIHW."""
+  _check_ndim(k, 4, "Conv kernel")
+  return np.ascontiguousarray(np.transpose(np.asarray(k), (3, 2, 0, 1)))
+
+
+def identity(a):
+  return np.asarray(a)
+
+
+def _check_ndim(a, ndim, what):
+  if np.ndim(a) != ndim:
+    raise ValueError(f"{what} must have {ndim} dims, got shape {np.shape(a)}.")
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def path_str(path: Path) -> str:
+  return "/".join(path)
+
+
+def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
+  """Nested dict -> {tuple path: leaf}."""
+  out = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+  """{tuple path: leaf} -> nested dict."""
+  tree: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def shape_tree(tree: Mapping[str, Any]) -> Dict[Path, Tuple[int, ...]]:
+  """{path: shape} of a params tree (arrays or jax.ShapeDtypeStruct leaves)."""
+  return {p: tuple(np.shape(v)) if not hasattr(v, "shape") else tuple(v.shape)
+          for p, v in flatten(tree).items()}
+
+
+# ----------------------------------------------------------------------------- checked fill
+
+
+class ConversionError(ValueError):
+  """Raised when weights and the expected params tree disagree; lists every problem."""
+
+
+def fill_params(expected: Mapping[Path, Tuple[int, ...]],
+                values: Mapping[Path, Any],
+                sources: Optional[Mapping[Path, str]] = None,
+                unexpected_sources: Iterable[str] = (),
+                dtype=None,
+                hint: str = "") -> Dict[str, Any]:
+  """Builds a params tree with exactly the ``expected`` paths and shapes.
+
+  Args:
+    expected: {flax path: shape} the model wants (e.g. from ``shape_tree`` of an
+      ``jax.eval_shape``'d init).
+    values: {flax path: array} produced by a converter.
+    sources: {flax path: source (torch) name}, used in messages so users can find the
+      offending tensor in their checkpoint.
+    unexpected_sources: source names the converter could not map to any flax path.
+    dtype: optional numpy/jax dtype to cast every leaf to.
+    hint: extra advice appended to the error message.
+
+  Returns:
+    A nested dict params tree.
+
+  Raises:
+    ConversionError listing ALL missing keys, unexpected keys and shape mismatches.
+  """
+  sources = dict(sources or {})
+  name = lambda p: f"{sources[p]} (-> {path_str(p)})" if p in sources else path_str(p)
+
+  missing = [p for p in expected if p not in values]
+  unexpected = [name(p) for p in values if p not in expected]
+  unexpected += list(unexpected_sources)
+  mismatched = [(name(p), tuple(expected[p]), tuple(np.shape(values[p])))
+                for p in expected if p in values
+                and tuple(np.shape(values[p])) != tuple(expected[p])]
+
+  if missing or unexpected or mismatched:
+    raise ConversionError(format_problems(
+        missing=[(name(p), tuple(expected[p])) for p in missing],
+        unexpected=unexpected, mismatched=mismatched, hint=hint))
+
+  cast = (lambda a: np.asarray(a, dtype=dtype)) if dtype is not None else np.asarray
+  return unflatten({p: cast(values[p]) for p in expected})
+
+
+def format_problems(missing=(), unexpected=(), mismatched=(), hint="") -> str:
+  """One readable message for every problem found while converting weights."""
+  lines = ["Weights do not match the model:"]
+  if missing:
+    lines.append(f"  {len(missing)} missing key(s) (the model needs them, the weights lack them):")
+    lines += [f"    {k}  expected shape {s}" for k, s in missing]
+  if unexpected:
+    lines.append(f"  {len(unexpected)} unexpected key(s) (in the weights, unused by the model):")
+    lines += [f"    {k}" for k in unexpected]
+  if mismatched:
+    lines.append(f"  {len(mismatched)} shape mismatch(es) (shapes in Flax layout: Dense "
+                 "kernels are torch weights transposed, conv kernels HWIO):")
+    lines += [f"    {k}  expected shape {e}, got shape {g}" for k, e, g in mismatched]
+  lines.append(
+      "  How to fix: check that config.json describes these weights (layer count, head "
+      "count/dim, patch size, channels, qk_norm, dual_attention_layers ...) and that the "
+      "folder holds the weights of the same model.")
+  if hint:
+    lines.append("  " + hint)
+  return "\n".join(lines)
+
+
+def apply_rules(state: Mapping[str, Any],
+                rules: Iterable[Tuple[str, Path, Callable[[Any], Any]]]
+                ) -> Tuple[Dict[Path, Any], Dict[Path, str], list]:
+  """Applies exact-name rules (source name, flax path, transform) to a state dict.
+
+  Returns ({flax path: array}, {flax path: source name}, [source names not consumed]).
+  Rules whose source name is absent are skipped; ``fill_params`` then reports the
+  flax path as missing, under its source name.
+  """
+  values, sources, used = {}, {}, set()
+  for src, dst, fn in rules:
+    sources[dst] = src
+    if src in state:
+      try:
+        values[dst] = fn(state[src])
+      except ValueError:
+        # Wrong rank: keep the raw array so fill_params reports it with the others.
+        values[dst] = np.asarray(state[src])
+      used.add(src)
+  leftover = sorted(k for k in state if k not in used)
+  return values, sources, leftover

@@ -1,0 +1,85 @@
+"""diffusers ``SD3Transformer2DModel`` state dict <-> ``fgm_jax.models.mmdit.MMDiT`` params.
+
+Names map one-to-one by renaming path components; values only change layout (Linear
+weights transpose, the patch conv goes OIHW <-> HWIO). The expected params tree comes from
+``jax.eval_shape`` of the module built from the same config.json, so a config that does not
+describe the weights is reported as missing / unexpected / mis-shaped keys.
+"""
+
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+from fgm_jax.convert import common
+
+# Flax module name -> diffusers module path (components not listed keep their name).
+_RENAMES = {
+    "pos_embed_proj": "pos_embed.proj",
+    "timestep_embedder_linear_1": "time_text_embed.timestep_embedder.linear_1",
+    "timestep_embedder_linear_2": "time_text_embed.timestep_embedder.linear_2",
+    "text_embedder_linear_1": "time_text_embed.text_embedder.linear_1",
+    "text_embedder_linear_2": "time_text_embed.text_embedder.linear_2",
+    "to_out": "to_out.0",
+    "fc1": "net.0.proj",
+    "fc2": "net.2",
+}
+_BLOCK_PREFIX = "transformer_blocks_"
+
+
+def torch_name(path) -> str:
+  """Flax params path (tuple) -> diffusers state-dict name."""
+  if path == ("pos_embed",):
+    return "pos_embed.pos_embed"  # the positional table is a buffer of PatchEmbed
+  *mods, leaf = path
+  parts = []
+  for m in mods:
+    if m.startswith(_BLOCK_PREFIX):
+      parts.append("transformer_blocks." + m[len(_BLOCK_PREFIX):])
+    else:
+      parts.append(_RENAMES.get(m, m))
+  parts.append({"kernel": "weight", "scale": "weight"}.get(leaf, leaf))
+  return ".".join(parts)
+
+
+def _to_flax(path, shape):
+  """Layout transform torch -> flax for the leaf at ``path`` with flax ``shape``."""
+  if path[-1] == "kernel":
+    return common.conv_to_flax if len(shape) == 4 else common.linear_to_dense
+  return common.identity
+
+
+def _to_torch(path, array):
+  if path[-1] == "kernel":
+    return common.conv_to_torch(array) if np.ndim(array) == 4 else common.dense_to_linear(array)
+  return np.asarray(array)
+
+
+def expected_shapes(config: Mapping[str, Any]):
+  """{flax path: shape} of the MM-DiT that ``config`` (config.json dict) describes."""
+  from flax import linen as nn
+  from fgm_jax.models import mmdit
+  module = mmdit.from_diffusers_config(config)
+  p = module.patch_size
+  abstract = mmdit.abstract_variables(module, batch=1, height=p, width=p, text_len=1)
+  return common.shape_tree(nn.unbox(abstract)["params"])
+
+
+def params_from_state(state: Mapping[str, Any], config: Mapping[str, Any],
+                      dtype=np.float32) -> Dict[str, Any]:
+  """diffusers state dict -> unboxed Flax params (raises listing every mismatch)."""
+  expected = expected_shapes(config)
+  rules = [(torch_name(path), path, _to_flax(path, shape)) for path, shape in expected.items()]
+  values, sources, leftover = common.apply_rules(state, rules)
+  return common.fill_params(expected, values, sources, unexpected_sources=leftover,
+                            dtype=dtype)
+
+
+def state_from_params(params, config: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """Unboxed Flax params -> diffusers state dict (float32 numpy unless params differ)."""
+  expected = expected_shapes(config)
+  flat = common.flatten(params)
+  # Same full check as loading, so a params tree that does not fit config.json is caught
+  # here rather than by diffusers later.
+  sources = {p: torch_name(p) for p in expected}
+  common.fill_params(expected, flat, sources)
+  return {torch_name(p): _to_torch(p, a) for p, a in flat.items()}

@@ -1,0 +1,1 @@
+"""Evaluation: Fréchet distances, small-data metrics, FID, sample grids."""

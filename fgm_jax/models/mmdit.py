@@ -1,0 +1,497 @@
+"""SD3 / SD3.5 MM-DiT (diffusers ``SD3Transformer2DModel``) as a Flax Linen velocity net.
+
+Contract (shared by every model in fgm_jax)::
+
+    v = module.apply(variables, x, t, cond, train=False)
+
+* ``x``: NHWC latents (B, H, W, C); H and W divisible by ``patch_size``.
+* ``t``: (B,) in [0, 1], t = 0 data, t = 1 noise. SD3 checkpoints were trained with
+  timesteps in [0, 1000], so the model feeds ``1000 * t`` to its timestep embedding.
+* ``cond``: ``{"context": (B, L, joint_attention_dim), "pooled": (B, pooled_projection_dim)}``
+  (T5+CLIP token embeddings and pooled CLIP embeddings for SD3).
+* ``v``: same shape and dtype as ``x``. SD3 predicts ``noise - data`` which is exactly our
+  velocity convention, so the network output is returned unchanged.
+
+Layer semantics and chunk orders follow diffusers so that weights map one-to-one (only
+transposes): adaLN-Zero splits as (shift, scale, gate, ...) while the continuous adaLN
+(the last block's context norm and the output norm) splits as (scale, shift).
+
+Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). Norms,
+the timestep sinusoid and the positional table stay in float32.
+
+Sharding: every parameter carries logical axis names (see ``LOGICAL_RULES``):
+
+    embed      hidden width D of the transformer        -> 'fsdp'  (every big matrix has it)
+    mlp        feed-forward hidden (4 D)                 -> 'tensor' (tensor-parallel rules)
+    heads      flattened heads * head_dim of q/k/v/out   -> 'tensor' (tensor-parallel rules)
+    mod        adaLN modulation outputs (2, 6 or 9 D)    -> 'tensor' (tensor-parallel rules)
+    context_in text-token width (joint_attention_dim)    -> None
+    pooled_in  pooled text width                         -> None
+    freq       sinusoidal timestep channels (256)        -> None
+    conv_h/conv_w/conv_in  patch conv window and input channels -> None
+    patch_out  proj_out outputs (p * p * C)              -> None
+    pos        positional-table rows                     -> None
+    kv         per-head channels (RMSNorm scales)        -> None
+Activations: batch -> ('data', 'fsdp'); length, act_embed -> None; act_heads, act_mlp ->
+'tensor' in the tensor-parallel rules.
+"""
+
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logical axis -> mesh axis. Flax picks the first rule whose mesh axis is still free in a
+# given spec, so a kernel with 'embed' twice (D x D) is sharded on one of them only.
+LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("mod", None),
+    ("context_in", None),
+    ("pooled_in", None),
+    ("freq", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("conv_in", None),
+    ("patch_out", None),
+    ("pos", None),
+    ("kv", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_kv", None),
+    ("act_mlp", None),
+)
+
+# For a ('data', 'fsdp', 'tensor') mesh: Megatron-style splits of the head and MLP axes on
+# top of FSDP over 'embed'.
+TENSOR_LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("mod", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+) + tuple(r for r in LOGICAL_RULES
+          if r[0] not in ("batch", "embed", "mlp", "heads", "mod", "act_heads", "act_mlp"))
+
+# diffusers' SD3Transformer2DModel defaults (config.json keys).
+DIFFUSERS_DEFAULTS = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=18, attention_head_dim=64,
+    num_attention_heads=18, joint_attention_dim=4096, caption_projection_dim=1152,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96,
+    dual_attention_layers=(), qk_norm=None)
+
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json.
+SD3_MEDIUM = dict(DIFFUSERS_DEFAULTS, num_layers=24, num_attention_heads=24,
+                  caption_projection_dim=1536, pos_embed_max_size=192)
+
+_LN_EPS = 1e-6  # every LayerNorm / RMSNorm in SD3 uses 1e-6
+_TIME_CHANNELS = 256
+_TIME_SCALE = 1000.0  # checkpoints expect timesteps in [0, 1000]
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _dense(features, axes, name, dtype, zero=False):
+  """nn.Dense with logically-partitioned float32 params."""
+  init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=nn.with_logical_partitioning(init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def _constrain(x, axes):
+  # A no-op outside a mesh context; inside, pins the activation layout for GSPMD.
+  return nn.with_logical_constraint(x, axes)
+
+
+def layer_norm(x, eps=_LN_EPS):
+  """Non-affine LayerNorm (biased variance, like torch), computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_sinusoid(timesteps, dim=_TIME_CHANNELS, max_period=10000.0):
+  """diffusers Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0): [cos, sin]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def sincos_1d(dim, pos):
+  """float64 [sin, cos] table of positions ``pos`` (numpy, host-side)."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim, grid_h, grid_w, base_size):
+  """SD3's 2-D table, rows in raster order; first half of channels encode the column."""
+  if dim % 4:
+    raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2-D sin-cos table.")
+  rows = np.arange(grid_h, dtype=np.float32) / (grid_h / base_size)
+  cols = np.arange(grid_w, dtype=np.float32) / (grid_w / base_size)
+  col_grid, row_grid = np.meshgrid(cols, rows, indexing="xy")  # both (grid_h, grid_w)
+  return np.concatenate([sincos_1d(dim // 2, col_grid), sincos_1d(dim // 2, row_grid)],
+                        axis=1).astype(np.float32)
+
+
+def crop_pos_table(table, max_size, h, w):
+  """Centre crop of a (1, max*max, D) table to the h x w patch grid -> (1, h*w, D)."""
+  if h > max_size or w > max_size:
+    raise ValueError(f"Latent patch grid {h}x{w} exceeds pos_embed_max_size={max_size}; "
+                     "use smaller latents or a model with a larger table.")
+  top, left = (max_size - h) // 2, (max_size - w) // 2
+  grid = table.reshape(1, max_size, max_size, -1)[:, top:top + h, left:left + w]
+  return grid.reshape(1, h * w, -1)
+
+
+def attention(q, k, v, impl):
+  """(B, T, N, H) multi-head attention; ``impl`` is 'xla' or 'cudnn'."""
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+  """Per-head RMS norm with a learned scale (diffusers RMSNorm, eps 1e-6)."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("kv",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + _LN_EPS)
+    return (x32 * scale).astype(x.dtype)
+
+
+class AdaNorm(nn.Module):
+  """Projects SiLU(temb) to ``chunks`` modulation vectors of width D."""
+  chunks: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, temb, dim):
+    mod = _dense(self.chunks * dim, ("embed", "mod"), "linear", self.dtype,
+                 zero=True)(nn.silu(temb))
+    return jnp.split(mod, self.chunks, axis=-1)
+
+
+class FeedForward(nn.Module):
+  """Linear -> GELU(tanh) -> Linear, 4x hidden, as diffusers' FeedForward."""
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    h = _dense(4 * dim, ("embed", "mlp"), "fc1", self.dtype)(x)
+    h = _constrain(nn.gelu(h, approximate=True), ("batch", "length", "act_mlp"))
+    return _dense(dim, ("mlp", "embed"), "fc2", self.dtype)(h)
+
+
+class Attention(nn.Module):
+  """Self-attention over image tokens, optionally joint with a context stream.
+
+  With ``context`` given, image and context tokens attend together (MM-DiT joint
+  attention) and each stream has its own q/k/v/out projections. ``context_pre_only``
+  marks the last block, whose context output is never used: there the context queries'
+  projection exists (so checkpoints load) but its result is dead code for XLA.
+  """
+  heads: int
+  head_dim: int
+  qk_norm: Optional[str]
+  context_pre_only: bool = False
+  attention_impl: str = "xla"
+  dtype: Any = jnp.float32
+
+  def _qkv(self, x, prefix, names):
+    inner = self.heads * self.head_dim
+    out = []
+    for n in names:
+      y = _dense(inner, ("embed", "heads"), prefix + n, self.dtype)(x)
+      y = y.reshape(y.shape[:2] + (self.heads, self.head_dim))
+      out.append(_constrain(y, ("batch", "length", "act_heads", "act_kv")))
+    return out
+
+  def _norm(self, y, name):
+    return RMSNorm(name=name)(y) if self.qk_norm == "rms_norm" else y
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    dim = x.shape[-1]
+    inner = self.heads * self.head_dim
+    q, k, v = self._qkv(x, "to_", ("q", "k", "v"))
+    q, k = self._norm(q, "norm_q"), self._norm(k, "norm_k")
+    if context is not None:
+      cq, ck, cv = self._qkv(context, "add_", ("q_proj", "k_proj", "v_proj"))
+      cq, ck = self._norm(cq, "norm_added_q"), self._norm(ck, "norm_added_k")
+      k = jnp.concatenate([k, ck], axis=1)
+      v = jnp.concatenate([v, cv], axis=1)
+      if not self.context_pre_only:
+        q = jnp.concatenate([q, cq], axis=1)
+    out = attention(q, k, v, self.attention_impl)
+    out = out.reshape(out.shape[:2] + (inner,))
+    n = x.shape[1]
+    x_out = _dense(dim, ("heads", "embed"), "to_out", self.dtype)(out[:, :n])
+    if context is None or self.context_pre_only:
+      return x_out, None
+    c_out = _dense(dim, ("heads", "embed"), "to_add_out", self.dtype)(out[:, n:])
+    return x_out, c_out
+
+
+class JointBlock(nn.Module):
+  """diffusers JointTransformerBlock: adaLN-Zero on both streams, joint attention, MLPs."""
+  heads: int
+  head_dim: int
+  qk_norm: Optional[str]
+  context_pre_only: bool
+  dual_attention: bool
+  attention_impl: str = "xla"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context, temb):
+    dim = x.shape[-1]
+    attn_kw = dict(heads=self.heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
+                   attention_impl=self.attention_impl, dtype=self.dtype)
+    mods = AdaNorm(9 if self.dual_attention else 6, self.dtype, name="norm1")(temb, dim)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    x_norm = layer_norm(x)
+    x_in = modulate(x_norm, shift_msa, scale_msa)
+
+    if self.context_pre_only:
+      scale_c, shift_c = AdaNorm(2, self.dtype, name="norm1_context")(temb, dim)
+      c_in = modulate(layer_norm(context), shift_c, scale_c)
+    else:
+      (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp,
+       c_gate_mlp) = AdaNorm(6, self.dtype, name="norm1_context")(temb, dim)
+      c_in = modulate(layer_norm(context), c_shift_msa, c_scale_msa)
+
+    x_attn, c_attn = Attention(context_pre_only=self.context_pre_only, name="attn",
+                               **attn_kw)(x_in, c_in)
+    x = x + gate_msa[:, None] * x_attn
+    if self.dual_attention:
+      # SD3.5: a second, image-only attention on the same normed input, own modulation.
+      shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+      x_attn2, _ = Attention(name="attn2", **attn_kw)(modulate(x_norm, shift_msa2,
+                                                               scale_msa2))
+      x = x + gate_msa2[:, None] * x_attn2
+    x_ff = FeedForward(self.dtype, name="ff")(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    x = _constrain(x + gate_mlp[:, None] * x_ff, ("batch", "length", "act_embed"))
+
+    if self.context_pre_only:
+      return x, None
+    context = context + c_gate_msa[:, None] * c_attn
+    c_ff = FeedForward(self.dtype, name="ff_context")(
+        modulate(layer_norm(context), c_shift_mlp, c_scale_mlp))
+    context = _constrain(context + c_gate_mlp[:, None] * c_ff,
+                         ("batch", "length", "act_embed"))
+    return x, context
+
+
+class MMDiT(nn.Module):
+  """SD3 MM-DiT velocity net. Fields are diffusers' config.json keys plus dtype options."""
+  sample_size: int = 128
+  patch_size: int = 2
+  in_channels: int = 16
+  num_layers: int = 18
+  attention_head_dim: int = 64
+  num_attention_heads: int = 18
+  joint_attention_dim: int = 4096
+  caption_projection_dim: int = 1152
+  pooled_projection_dim: int = 2048
+  out_channels: Optional[int] = 16
+  pos_embed_max_size: Optional[int] = 96
+  dual_attention_layers: Sequence[int] = ()
+  qk_norm: Optional[str] = None
+  dtype: Any = jnp.float32          # compute dtype; params are always float32
+  attention_impl: str = "xla"       # 'xla' anywhere, 'cudnn' on GPUs (bf16/fp16)
+  remat: str = "none"               # 'none' | 'full' | 'dots' (save matmul outputs)
+
+  @property
+  def inner_dim(self):
+    return self.num_attention_heads * self.attention_head_dim
+
+  def _check(self):
+    if self.caption_projection_dim != self.inner_dim:
+      raise ValueError(
+          f"caption_projection_dim={self.caption_projection_dim} must equal "
+          f"num_attention_heads * attention_head_dim = {self.inner_dim}: the context stream "
+          "shares the joint attention's width.")
+    if self.qk_norm not in (None, "rms_norm"):
+      raise ValueError(f"qk_norm={self.qk_norm!r} is not supported; use None or 'rms_norm'.")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}; use 'xla' or 'cudnn'.")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"remat={self.remat!r}; use 'none', 'full' or 'dots'.")
+
+  def _block_class(self):
+    if self.remat == "none":
+      return JointBlock
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if self.remat == "dots" else None)
+    return nn.remat(JointBlock, policy=policy)
+
+  @nn.compact
+  def __call__(self, x, t, cond=None, train=False):
+    del train  # no dropout / batch statistics in MM-DiT
+    self._check()
+    if cond is None or "context" not in cond or "pooled" not in cond:
+      raise ValueError('MM-DiT needs cond={"context": (B, L, joint_attention_dim), '
+                       '"pooled": (B, pooled_projection_dim)} (text embeddings; use the '
+                       "empty prompt's embeddings for the unconditional branch).")
+    b, height, width, _ = x.shape
+    p, dim = self.patch_size, self.inner_dim
+    if height % p or width % p:
+      raise ValueError(f"Latent size {height}x{width} is not divisible by patch_size={p}.")
+    h, w = height // p, width // p
+    out_channels = self.out_channels or self.in_channels
+
+    tokens = self._patch_embed(x.astype(self.dtype), h, w)
+    temb = self._time_text_embed(jnp.broadcast_to(t, (b,)), cond["pooled"])
+    context = _dense(self.caption_projection_dim, ("context_in", "embed"),
+                     "context_embedder", self.dtype)(cond["context"].astype(self.dtype))
+
+    block_cls = self._block_class()
+    for i in range(self.num_layers):
+      tokens, context = block_cls(
+          heads=self.num_attention_heads, head_dim=self.attention_head_dim,
+          qk_norm=self.qk_norm, context_pre_only=i == self.num_layers - 1,
+          dual_attention=i in tuple(self.dual_attention_layers),
+          attention_impl=self.attention_impl, dtype=self.dtype,
+          name=f"transformer_blocks_{i}")(tokens, context, temb)
+
+    scale, shift = AdaNorm(2, self.dtype, name="norm_out")(temb, dim)
+    tokens = modulate(layer_norm(tokens), shift, scale)
+    out = _dense(p * p * out_channels, ("embed", "patch_out"), "proj_out", self.dtype,
+                 zero=True)(tokens)
+    # unpatchify: (B, h*w, p*p*C) -> (B, h*p, w*p, C)
+    out = out.reshape(b, h, w, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(b, h * p, w * p, out_channels).astype(x.dtype)
+
+  def _patch_embed(self, x, h, w):
+    p, dim = self.patch_size, self.inner_dim
+    conv = nn.Conv(dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                   param_dtype=jnp.float32, name="pos_embed_proj",
+                   kernel_init=nn.with_logical_partitioning(
+                       nn.initializers.xavier_uniform(),
+                       ("conv_h", "conv_w", "conv_in", "embed")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          ("embed",)))
+    tokens = conv(x).reshape(x.shape[0], h * w, dim)
+    base = self.sample_size // p
+    if self.pos_embed_max_size:
+      m = self.pos_embed_max_size
+      table = self.param(
+          "pos_embed",
+          nn.with_logical_partitioning(
+              lambda *_: jnp.asarray(sincos_2d(dim, m, m, base))[None], (None, "pos",
+                                                                         "embed")),
+          (1, m * m, dim), jnp.float32)
+      pos = crop_pos_table(table, m, h, w)
+    else:  # fixed table for the actual grid (not stored in diffusers checkpoints)
+      pos = jnp.asarray(sincos_2d(dim, h, w, base))[None]
+    return _constrain(tokens + pos.astype(self.dtype), ("batch", "length", "act_embed"))
+
+  def _time_text_embed(self, t, pooled):
+    dim = self.inner_dim
+    freq = timestep_sinusoid(_TIME_SCALE * t.astype(jnp.float32))
+    temb = _dense(dim, ("freq", "embed"), "timestep_embedder_linear_1", self.dtype)(
+        freq.astype(self.dtype))
+    temb = _dense(dim, ("embed", "embed"), "timestep_embedder_linear_2", self.dtype)(
+        nn.silu(temb))
+    txt = _dense(dim, ("pooled_in", "embed"), "text_embedder_linear_1", self.dtype)(
+        pooled.astype(self.dtype))
+    txt = _dense(dim, ("embed", "embed"), "text_embedder_linear_2", self.dtype)(nn.silu(txt))
+    return temb + txt
+
+
+# ----------------------------------------------------------------------------- builders
+
+_CONFIG_KEYS = tuple(DIFFUSERS_DEFAULTS)
+
+
+def _dtype(name):
+  return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def from_diffusers_config(config, dtype=jnp.float32, attention_impl="xla", remat="none"):
+  """Builds an MMDiT from a diffusers config.json dict (unknown keys are ignored)."""
+  kw = {k: config.get(k, DIFFUSERS_DEFAULTS[k]) for k in _CONFIG_KEYS}
+  kw["dual_attention_layers"] = tuple(kw["dual_attention_layers"] or ())
+  return MMDiT(dtype=_dtype(dtype), attention_impl=attention_impl, remat=remat, **kw)
+
+
+def from_config(model_config):
+  """Registry factory: ConfigDict with name='mmdit' and diffusers' keys (+ dtype options)."""
+  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  unknown = set(cfg) - set(_CONFIG_KEYS) - {"name", "dtype", "attention_impl", "remat"}
+  if unknown:
+    raise ValueError(f"config.model has unknown MM-DiT fields {sorted(unknown)}; "
+                     f"known: {sorted(_CONFIG_KEYS + ('dtype', 'attention_impl', 'remat'))}.")
+  return from_diffusers_config(cfg, dtype=cfg.get("dtype", "float32"),
+                               attention_impl=cfg.get("attention_impl", "xla"),
+                               remat=cfg.get("remat", "none"))
+
+
+def diffusers_config(module: MMDiT):
+  """The config.json dict describing ``module`` (for exporting weights)."""
+  cfg = {k: getattr(module, k) for k in _CONFIG_KEYS}
+  cfg["dual_attention_layers"] = list(cfg["dual_attention_layers"])
+  return cfg
+
+
+def dummy_inputs(module: MMDiT, batch=1, height=None, width=None, text_len=8,
+                 dtype=jnp.float32):
+  """Zero inputs of the right shapes, for init / eval_shape."""
+  height = height or module.sample_size
+  width = width or module.sample_size
+  x = jnp.zeros((batch, height, width, module.in_channels), dtype)
+  t = jnp.zeros((batch,), jnp.float32)
+  cond = {"context": jnp.zeros((batch, text_len, module.joint_attention_dim), dtype),
+          "pooled": jnp.zeros((batch, module.pooled_projection_dim), dtype)}
+  return x, t, cond
+
+
+def abstract_variables(module: MMDiT, batch=1, height=None, width=None, text_len=8):
+  """Boxed (logically partitioned) variable shapes without allocating anything."""
+  x, t, cond = dummy_inputs(module, batch, height, width, text_len)
+  return jax.eval_shape(functools.partial(module.init, train=False),
+                        jax.random.PRNGKey(0), x, t, cond)
+
+
+def param_count(module: MMDiT) -> int:
+  shapes = nn.unbox(abstract_variables(module, height=2 * module.patch_size,
+                                       width=2 * module.patch_size))["params"]
+  return int(sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes)))
+
+
+# diffusers keeps the positional table as a (persistent) buffer, not a parameter: it is
+# loaded from checkpoints but never trained. We keep it in 'params' so loading and saving
+# are one tree; optimisers should mask it out with ``trainable_mask``.
+FROZEN_PARAMS = ("pos_embed",)
+
+
+def trainable_mask(params):
+  """Pytree of bools like ``params``: False for the frozen positional table."""
+  return {k: jax.tree_util.tree_map(lambda _: k not in FROZEN_PARAMS, v)
+          for k, v in params.items()}

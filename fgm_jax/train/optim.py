@@ -1,0 +1,32 @@
+"""Optimizers and parameter EMA from an ``optim`` ConfigDict.
+
+Fields: lr, b1, b2, eps, warmup_steps, grad_clip (<= 0 disables), weight_decay, ema_decay
+(0 disables the EMA: the EMA copy then equals the parameters).
+"""
+
+import jax
+import optax
+
+
+def learning_rate_schedule(optim_config):
+  lr = optim_config.lr
+  warmup = optim_config.get("warmup_steps", 0)
+  if warmup <= 0:
+    return optax.constant_schedule(lr)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def make_optimizer(optim_config) -> optax.GradientTransformation:
+  parts = []
+  if optim_config.get("grad_clip", 0.0) > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.adamw(learning_rate_schedule(optim_config), b1=optim_config.b1,
+                           b2=optim_config.b2, eps=optim_config.get("eps", 1e-8),
+                           weight_decay=optim_config.get("weight_decay", 0.0)))
+  return optax.chain(*parts)
+
+
+def ema_update(ema_params, params, decay: float):
+  """ema <- decay * ema + (1 - decay) * params."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)

@@ -1,0 +1,120 @@
+"""One training step per job, as pure functions of (state, inputs, rng).
+
+Randomness is keyed by ``fold_in(base_rng, state.step)``, so a step computes the same thing
+whenever it runs (fresh or resumed) and on any mesh (threefry is partitionable).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fgm_jax import fgm
+from fgm_jax import flow
+from fgm_jax import parallel
+from fgm_jax.train import optim
+from fgm_jax.train.state import DistillState, TeacherState
+
+
+def velocity_fn(model, params, *, train=False, dropout_rng=None, cond=None):
+  """Closes a Linen velocity net over its parameters: (x, t) -> v."""
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+
+  def fn(x, t):
+    return model.apply({"params": params}, x, t, cond, train=train, rngs=rngs)
+
+  return fn
+
+
+def draw_times(rng, batch, cfg):
+  """Times for a flow-matching loss, from a config with time_sampler/t_min/t_max/... fields."""
+  return flow.sample_time(rng, batch, cfg.get("time_sampler", "uniform"),
+                          t_min=cfg.get("t_min", 0.0), t_max=cfg.get("t_max", 1.0),
+                          logit_mean=cfg.get("logit_mean", 0.0),
+                          logit_std=cfg.get("logit_std", 1.0), shift=cfg.get("shift", 1.0))
+
+
+def _apply_updates(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def teacher_step(state: TeacherState, batch, base_rng, *, model, tx, flow_cfg, ema_decay,
+                 mesh):
+  """Conditional flow matching on a data batch."""
+  rng = jax.random.fold_in(base_rng, state.step)
+  rng_t, rng_eps, rng_drop = jax.random.split(rng, 3)
+  n = batch.shape[0]
+  t = parallel.constrain_batch(draw_times(rng_t, n, flow_cfg), mesh)
+  eps = parallel.constrain_batch(jax.random.normal(rng_eps, batch.shape, batch.dtype), mesh)
+
+  def loss_fn(params):
+    v = velocity_fn(model, params, train=True, dropout_rng=rng_drop)
+    x_t = flow.interpolate(batch, eps, t)
+    return jnp.mean(flow.flow_matching_loss(v(x_t, t), batch, eps))
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  params, opt_state = _apply_updates(tx, grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=optim.ema_update(state.ema_params, params, ema_decay))
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def _generator_draws(rng, batch, shape, fgm_cfg, mesh):
+  rng_z, rng_eps, rng_t = jax.random.split(rng, 3)
+  z = parallel.constrain_batch(jax.random.normal(rng_z, (batch,) + tuple(shape)), mesh)
+  eps = parallel.constrain_batch(jax.random.normal(rng_eps, (batch,) + tuple(shape)), mesh)
+  t = parallel.constrain_batch(draw_times(rng_t, batch, fgm_cfg), mesh)
+  return z, eps, t
+
+
+def distill_step(state: DistillState, teacher_params, base_rng, *, model, gen_tx, online_tx,
+                 fgm_cfg, batch_size, shape, ema_decay, mesh):
+  """One FGM iteration: ``fgm_cfg.online_steps`` online-flow updates, then one generator update."""
+  rng = jax.random.fold_in(base_rng, state.step)
+  t_star = fgm_cfg.t_star
+  online_params, online_opt_state = state.online_params, state.online_opt_state
+  generator = velocity_fn(model, state.gen_params)
+
+  online_losses = []
+  for k in range(fgm_cfg.online_steps):
+    z, eps, t = _generator_draws(jax.random.fold_in(rng, k), batch_size, shape, fgm_cfg, mesh)
+    x0 = fgm.generator_sample(generator, z, t_star)
+
+    def online_loss_fn(params):
+      return fgm.online_flow_loss(velocity_fn(model, params), x0, eps, t)
+
+    loss, grads = jax.value_and_grad(online_loss_fn)(online_params)
+    online_params, online_opt_state = _apply_updates(online_tx, grads, online_opt_state,
+                                                     online_params)
+    online_losses.append(loss)
+
+  z, eps, t = _generator_draws(jax.random.fold_in(rng, fgm_cfg.online_steps), batch_size,
+                               shape, fgm_cfg, mesh)
+  teacher_v = velocity_fn(model, teacher_params)
+  online_v = velocity_fn(model, jax.lax.stop_gradient(online_params))
+
+  def gen_loss_fn(params):
+    x0 = fgm.generator_sample(velocity_fn(model, params), z, t_star)
+    return fgm.generator_loss(teacher_v, online_v, x0, eps, t, fgm_cfg.alpha, fgm_cfg.weighting)
+
+  gen_loss, gen_grads = jax.value_and_grad(gen_loss_fn)(state.gen_params)
+  gen_params, gen_opt_state = _apply_updates(gen_tx, gen_grads, state.gen_opt_state,
+                                             state.gen_params)
+  new_state = state.replace(
+      step=state.step + 1, gen_params=gen_params, gen_opt_state=gen_opt_state,
+      gen_ema_params=optim.ema_update(state.gen_ema_params, gen_params, ema_decay),
+      online_params=online_params, online_opt_state=online_opt_state)
+  metrics = {"online_loss": jnp.mean(jnp.stack(online_losses)), "generator_loss": gen_loss,
+             "generator_grad_norm": optax.global_norm(gen_grads)}
+  return new_state, metrics
+
+
+def generate(model, gen_params, z, t_star):
+  """One-step generator samples g(z)."""
+  return fgm.generator_sample(velocity_fn(model, gen_params), z, t_star)
+
+
+def teacher_sample(model, params, noise, steps, method="euler", shift=1.0):
+  return flow.sample(velocity_fn(model, params), noise, steps, method, shift)
