@@ -35,5 +35,5 @@ def base(job):
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every=100, plot_every=0))
   c.sample = ml_collections.ConfigDict(dict(steps=50, method="euler", shift=1.0, num=10000,
-                                            seed=1, use_ema=True))
+                                            seed=1, use_ema=True, output="samples.npz"))
   return c

@@ -31,7 +31,7 @@ def get_config(variant=""):
   c.online_optim = common.optim(lr=1e-4, b1=0.0, b2=0.999)
   c.log.plot_every = 4000
   c.log.teacher_steps = (4, 50)
-  c.eval = dict(num_samples=20_000, teacher_steps=(1, 4, 50), seed=123)
+  c.eval = dict(num_samples=20_000, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
   if "quick" in words:
     c.num_steps = 2000
     c.optim.ema_decay = 0.99

@@ -100,7 +100,9 @@ def fill_params(expected: Mapping[Path, Tuple[int, ...]],
                 sources: Optional[Mapping[Path, str]] = None,
                 unexpected_sources: Iterable[str] = (),
                 dtype=None,
-                hint: str = "") -> Dict[str, Any]:
+                hint: str = "",
+                source_shapes: Optional[Mapping[Path, Tuple[int, ...]]] = None
+                ) -> Dict[str, Any]:
   """Builds a params tree with exactly the ``expected`` paths and shapes.
 
   Args:
@@ -112,6 +114,7 @@ def fill_params(expected: Mapping[Path, Tuple[int, ...]],
     unexpected_sources: source names the converter could not map to any flax path.
     dtype: optional numpy/jax dtype to cast every leaf to.
     hint: extra advice appended to the error message.
+    source_shapes: {flax path: shape as stored in the file}, shown beside mismatches.
 
   Returns:
     A nested dict params tree.
@@ -125,7 +128,10 @@ def fill_params(expected: Mapping[Path, Tuple[int, ...]],
   missing = [p for p in expected if p not in values]
   unexpected = [name(p) for p in values if p not in expected]
   unexpected += list(unexpected_sources)
-  mismatched = [(name(p), tuple(expected[p]), tuple(np.shape(values[p])))
+  file_shapes = dict(source_shapes or {})
+  got = lambda p: str(tuple(np.shape(values[p]))) + (
+      f" (stored as {tuple(file_shapes[p])})" if p in file_shapes else "")
+  mismatched = [(name(p), tuple(expected[p]), got(p))
                 for p in expected if p in values
                 and tuple(np.shape(values[p])) != tuple(expected[p])]
 
@@ -181,3 +187,8 @@ def apply_rules(state: Mapping[str, Any],
       used.add(src)
   leftover = sorted(k for k in state if k not in used)
   return values, sources, leftover
+
+
+def stored_shapes(state: Mapping[str, Any], rules) -> Dict[Path, Tuple[int, ...]]:
+  """{flax path: shape in the file} for the rules' sources present in ``state``."""
+  return {dst: tuple(np.shape(state[src])) for src, dst, _ in rules if src in state}

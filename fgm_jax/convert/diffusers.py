@@ -210,11 +210,16 @@ def load_params(folder: str, kind: str, dtype=np.float32, variant: Optional[str]
 
 
 def save_params(folder: str, kind: str, config: Mapping[str, Any], params,
-                max_shard_bytes: Optional[int] = None) -> None:
-  """Writes Flax ``params`` of ``kind`` as a diffusers folder (float32 unless params differ)."""
+                max_shard_bytes: Optional[int] = None, dtype=None) -> None:
+  """Writes Flax ``params`` of ``kind`` as a diffusers folder.
+
+  Tensors keep the params' dtype unless ``dtype`` is given (e.g. jnp.bfloat16 to halve
+  the files). Sharded jax arrays are gathered to the host leaf by leaf.
+  """
   keys, class_name = _kind(kind)
   import jax
-  params = jax.tree_util.tree_map(np.asarray, params)  # gathers sharded jax arrays
+  cast = (lambda a: np.asarray(a, dtype=np.dtype(dtype))) if dtype is not None else np.asarray
+  params = jax.tree_util.tree_map(cast, params)
   config = dict(config)
   state = keys.state_from_params(params, config)
   config["_class_name"] = class_name

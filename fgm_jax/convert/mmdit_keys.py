@@ -71,7 +71,7 @@ def params_from_state(state: Mapping[str, Any], config: Mapping[str, Any],
   rules = [(torch_name(path), path, _to_flax(path, shape)) for path, shape in expected.items()]
   values, sources, leftover = common.apply_rules(state, rules)
   return common.fill_params(expected, values, sources, unexpected_sources=leftover,
-                            dtype=dtype)
+                            dtype=dtype, source_shapes=common.stored_shapes(state, rules))
 
 
 def state_from_params(params, config: Mapping[str, Any]) -> Dict[str, np.ndarray]:

@@ -49,9 +49,7 @@ def _leaf_rule(leaf: str, ndim: int):
 
 def _expected(config) -> Dict[common.Path, Tuple[int, ...]]:
   """{flax path (without the 'params' collection): shape} of the model ``config`` builds."""
-  module = vae.from_config(config)
-  shapes = common.shape_tree(vae.param_shapes(module)["params"])
-  return shapes
+  return common.shape_tree(vae.param_shapes(vae.from_config(config))["params"])
 
 
 def _torch_name(path: common.Path, ndim: int) -> str:

@@ -22,6 +22,8 @@ the timestep sinusoid and the positional table stay in float32.
 Sharding: every parameter carries logical axis names (see ``LOGICAL_RULES``):
 
     embed      hidden width D of the transformer        -> 'fsdp'  (every big matrix has it)
+    embed_in   input side of the two small D x D embedder kernels (flax forbids naming
+               'embed' twice in one array)               -> None
     mlp        feed-forward hidden (4 D)                 -> 'tensor' (tensor-parallel rules)
     heads      flattened heads * head_dim of q/k/v/out   -> 'tensor' (tensor-parallel rules)
     mod        adaLN modulation outputs (2, 6 or 9 D)    -> 'tensor' (tensor-parallel rules)
@@ -45,11 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Logical axis -> mesh axis. Flax picks the first rule whose mesh axis is still free in a
-# given spec, so a kernel with 'embed' twice (D x D) is sharded on one of them only.
+# Logical axis -> mesh axis (default: FSDP only, for a ('data', 'fsdp') mesh).
 LOGICAL_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    ("embed_in", None),
     ("mlp", None),
     ("heads", None),
     ("mod", None),
@@ -193,6 +195,7 @@ class AdaNorm(nn.Module):
   def __call__(self, temb, dim):
     mod = _dense(self.chunks * dim, ("embed", "mod"), "linear", self.dtype,
                  zero=True)(nn.silu(temb))
+    mod = _constrain(mod, ("batch", "act_mod"))
     return jnp.split(mod, self.chunks, axis=-1)
 
 
@@ -417,11 +420,11 @@ class MMDiT(nn.Module):
     freq = timestep_sinusoid(_TIME_SCALE * t.astype(jnp.float32))
     temb = _dense(dim, ("freq", "embed"), "timestep_embedder_linear_1", self.dtype)(
         freq.astype(self.dtype))
-    temb = _dense(dim, ("embed", "embed"), "timestep_embedder_linear_2", self.dtype)(
+    temb = _dense(dim, ("embed_in", "embed"), "timestep_embedder_linear_2", self.dtype)(
         nn.silu(temb))
     txt = _dense(dim, ("pooled_in", "embed"), "text_embedder_linear_1", self.dtype)(
         pooled.astype(self.dtype))
-    txt = _dense(dim, ("embed", "embed"), "text_embedder_linear_2", self.dtype)(nn.silu(txt))
+    txt = _dense(dim, ("embed_in", "embed"), "text_embedder_linear_2", self.dtype)(nn.silu(txt))
     return temb + txt
 
 

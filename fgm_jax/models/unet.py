@@ -45,6 +45,12 @@ One Linen module, ``SongUNet``, expresses three published layouts:
   (output channel 3 * c + j for j in q, k, v), which is EDM's layout and so EDM's ``qkv``
   imports unchanged.
 
+Parameter paths mirror EDM's module names, so an EDM import is mechanical too: EDM
+``enc.16x16_block0.conv0.weight`` is our ``enc_16x16_block0/conv0/kernel``, ``dec.32x32_aux_conv``
+is ``dec_32x32_aux_conv``, ``map_layer0.weight`` is ``map_layer0/kernel``, GroupNorm ``weight``
+is ``scale``, and NCSN++'s ``map_noise.freqs`` buffer is the ``map_noise/freqs`` parameter.
+tests/test_unet.py checks one attention block against EDM's block semantics in PyTorch.
+
 Velocity-net contract (fgm_jax/models/__init__.py):
 ``module.apply(variables, x, t, cond=None, train=False, rngs={'dropout': key})``, ``x`` NHWC,
 ``t`` in [0, 1] per example, t = 0 data and t = 1 noise; returns ``v`` shaped like ``x``.
@@ -66,7 +72,7 @@ sqrt(0.2)).
 """
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax

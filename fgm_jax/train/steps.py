@@ -58,7 +58,7 @@ def teacher_step(state: TeacherState, batch, base_rng, *, model, tx, flow_cfg, e
   params, opt_state = _apply_updates(tx, grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=optim.ema_update(state.ema_params, params, ema_decay))
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def _generator_draws(rng, batch, shape, fgm_cfg, mesh):
@@ -107,7 +107,7 @@ def distill_step(state: DistillState, teacher_params, base_rng, *, model, gen_tx
       gen_ema_params=optim.ema_update(state.gen_ema_params, gen_params, ema_decay),
       online_params=online_params, online_opt_state=online_opt_state)
   metrics = {"online_loss": jnp.mean(jnp.stack(online_losses)), "generator_loss": gen_loss,
-             "generator_grad_norm": optax.global_norm(gen_grads)}
+             "generator_grad_norm": optax.tree.norm(gen_grads)}
   return new_state, metrics
 
 

@@ -1,0 +1,57 @@
+"""Small configs shared by the tests (tiny models, few steps)."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from configs import toy2d_fgm  # noqa: E402
+from configs import toy2d_teacher  # noqa: E402
+
+
+def tiny_teacher_config(num_steps=40, every=10):
+  c = toy2d_teacher.get_config("8gaussians")
+  c.model.hidden = 32
+  c.model.depth = 2
+  c.batch_size = 64
+  c.num_steps = num_steps
+  c.checkpoint.every = every
+  c.log.every = 10
+  c.log.plot_every = 0
+  c.optim.warmup_steps = 5
+  return c
+
+
+def tiny_fgm_config(teacher_workdir, num_steps=20, every=10):
+  c = toy2d_fgm.get_config("8gaussians")
+  t = tiny_teacher_config()
+  c.teacher.model = t.model
+  c.teacher.workdir = teacher_workdir
+  c.batch_size = 64
+  c.num_steps = num_steps
+  c.checkpoint.every = every
+  c.log.every = 10
+  c.log.plot_every = 0
+  c.optim.lr = 1e-3
+  c.online_optim.lr = 1e-3
+  return c
+
+
+def overrides(config, prefix="--config."):
+  """Command-line overrides reproducing ``config``'s leaves."""
+  out = []
+  for key, value in _flatten(config.to_dict()):
+    if isinstance(value, (list, tuple)) or value is None:
+      continue
+    out.append(f"{prefix}{key}={value}")
+  return out
+
+
+def _flatten(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v

@@ -1,0 +1,112 @@
+"""A training process killed with SIGKILL resumes and ends exactly where an uninterrupted
+run ends (teacher and FGM runs, through the real command line)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fgm_jax import checkpoint
+from fgm_jax.evaluation import jobs as eval_jobs
+from fgm_jax.train import loop
+from tests import helpers
+
+TEACHER_STEPS, FGM_STEPS = 300, 200
+
+
+def _cmd(config_file, workdir, config):
+  return [sys.executable, "-m", "fgm_jax.main", f"--config={config_file}",
+          f"--workdir={workdir}", *helpers.overrides(config)]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # same mesh as in-process
+  env["PYTHONPATH"] = helpers.ROOT
+  return env
+
+
+def _run(cmd):
+  subprocess.run(cmd, cwd=helpers.ROOT, env=_env(), check=True, capture_output=True)
+
+
+def _run_and_kill(cmd, ckpt_dir, kill_after_step):
+  """Starts a run, SIGKILLs it once a checkpoint >= kill_after_step exists, returns that step."""
+  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline:
+      steps = _complete_steps(ckpt_dir)
+      if steps and max(steps) >= kill_after_step:
+        proc.send_signal(signal.SIGKILL)
+        break
+      assert proc.poll() is None, "run ended before it could be killed"
+      time.sleep(0.02)
+  finally:
+    proc.kill()
+    proc.wait()
+  return max(_complete_steps(ckpt_dir))
+
+
+def _complete_steps(ckpt_dir):
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+
+
+def _final_params(config, workdir):
+  job, state = eval_jobs.restore_latest(config, workdir)
+  return int(state.step), jax.device_get(state)
+
+
+def _assert_same_state(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("resume")
+  teacher = helpers.tiny_teacher_config(num_steps=TEACHER_STEPS, every=50)
+  teacher.checkpoint.async_save = True
+  out = {"teacher_cfg": teacher}
+  # Uninterrupted teacher (in this process, same 8-device mesh), and one killed after its
+  # step-100 checkpoint, then resumed, through the command line.
+  loop.train(teacher, str(root / "teacher_a"), write_metrics=False, progress=False)
+  killed_at = _run_and_kill(_cmd("configs/toy2d_teacher.py", root / "teacher_b", teacher),
+                            str(root / "teacher_b" / "checkpoints"), 100)
+  out["teacher_killed_at"] = killed_at
+  _run(_cmd("configs/toy2d_teacher.py", root / "teacher_b", teacher))
+  out["teacher_a"] = _final_params(teacher, str(root / "teacher_a"))
+  out["teacher_b"] = _final_params(teacher, str(root / "teacher_b"))
+
+  fgm = helpers.tiny_fgm_config(str(root / "teacher_a"), num_steps=FGM_STEPS, every=40)
+  loop.train(fgm, str(root / "fgm_a"), write_metrics=False, progress=False)
+  out["fgm_killed_at"] = _run_and_kill(_cmd("configs/toy2d_fgm.py", root / "fgm_b", fgm),
+                                       str(root / "fgm_b" / "checkpoints"), 80)
+  _run(_cmd("configs/toy2d_fgm.py", root / "fgm_b", fgm))
+  out["fgm_a"] = _final_params(fgm, str(root / "fgm_a"))
+  out["fgm_b"] = _final_params(fgm, str(root / "fgm_b"))
+  return out
+
+
+def test_teacher_resumes_exactly_after_sigkill(runs):
+  assert 100 <= runs["teacher_killed_at"] < TEACHER_STEPS  # really killed mid-run
+  (step_a, a), (step_b, b) = runs["teacher_a"], runs["teacher_b"]
+  assert step_a == step_b == TEACHER_STEPS
+  _assert_same_state(a, b)
+
+
+def test_fgm_resumes_exactly_after_sigkill(runs):
+  assert 80 <= runs["fgm_killed_at"] < FGM_STEPS
+  (step_a, a), (step_b, b) = runs["fgm_a"], runs["fgm_b"]
+  assert step_a == step_b == FGM_STEPS
+  _assert_same_state(a, b)
