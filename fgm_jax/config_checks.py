@@ -13,7 +13,7 @@ from fgm_jax import fgm
 from fgm_jax import flow
 from fgm_jax import models
 
-JOBS = ("teacher", "distill", "sample", "evaluate")
+JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline")
 
 
 class ConfigError(ValueError):
@@ -93,8 +93,13 @@ def validate(config, device_count=None):
     _check_fgm(config.fgm)
     _check_optim(config.optim, "config.optim")
     _check_optim(config.online_optim, "config.online_optim")
-    _check_teacher_checkpoint(config.teacher)
+    _check_optim(config.teacher.optim, "config.teacher.optim")
+    if config.job != "pipeline":  # the pipeline trains its own teacher first
+      _check_teacher_checkpoint(config.teacher)
   else:
+    _require(config.job not in ("distill", "pipeline"),
+             f"config.job={config.job!r} needs a distillation config with config.teacher and "
+             "config.fgm (e.g. configs/toy2d_fgm.py); this one describes a teacher run.")
     _check_model_and_data(config.model, config.data, "config")
     _check_optim(config.optim, "config.optim")
   _check_batch(config.batch_size, device_count)

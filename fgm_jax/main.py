@@ -3,7 +3,8 @@
     python -m fgm_jax.main --config=configs/toy2d_fgm.py --workdir=runs/fgm [--config.x=y ...]
 
 config.job picks what runs: 'teacher' or 'distill' train (resuming from --workdir);
-'sample' writes samples.npz; 'evaluate' writes eval.json.
+'sample' writes samples.npz; 'evaluate' writes eval.json; 'pipeline' (distill configs) trains
+the teacher, distils it, evaluates both and writes a report, all under --workdir.
 """
 
 import os
@@ -29,6 +30,9 @@ def run(config, workdir):
   if config.job in ("teacher", "distill"):
     from fgm_jax.train import loop
     loop.train(config, workdir)
+  elif config.job == "pipeline":
+    from fgm_jax import pipeline
+    pipeline.run(config, workdir)
   elif config.job == "sample":
     from fgm_jax.evaluation import jobs
     jobs.sample_job(config, workdir)
@@ -53,12 +57,13 @@ def main(argv):
   if _MULTIHOST.value:
     import jax
     jax.distributed.initialize()
-  from fgm_jax import checkpoint
   from fgm_jax import config_checks
   try:
     run(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, checkpoint.CheckpointNotFoundError) as e:
-    # A user error, not a bug: one clear message, no traceback.
+  except (config_checks.ConfigError, FileNotFoundError) as e:
+    # A user error (bad config value, missing checkpoint, dataset or weights file), not a bug:
+    # one clear message, no traceback. CheckpointNotFoundError and the data sources'
+    # DatasetNotFoundError are FileNotFoundErrors.
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,0 +1,101 @@
+"""Bad input stops before any compilation, with one message naming the field and the fix."""
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from fgm_jax import config_checks
+from fgm_jax import main as main_lib
+from fgm_jax.train import loop
+from tests import helpers
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Any jax.jit call fails the test: errors must come before compilation."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("jax.jit was called before the config error was raised")
+
+  monkeypatch.setattr(jax, "jit", refuse)
+
+
+def _expect(config, workdir, *fragments):
+  with pytest.raises(config_checks.ConfigError) as err:
+    main_lib.run(config, str(workdir))
+  for fragment in fragments:
+    assert fragment in str(err.value), str(err.value)
+  return str(err.value)
+
+
+def test_negative_learning_rate(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.optim.lr = -1e-3
+  _expect(c, tmp_path, "config.optim.lr=-0.001", "must be > 0", "--config.optim.lr=")
+
+
+def test_online_learning_rate_in_distill(tmp_path, no_compile):
+  c = helpers.tiny_fgm_config(str(tmp_path / "teacher"))
+  c.online_optim.lr = 0.0
+  _expect(c, tmp_path, "config.online_optim.lr=0.0")
+
+
+def test_batch_not_divisible_by_devices(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.batch_size = jax.device_count() + 1
+  _expect(c, tmp_path, f"config.batch_size={jax.device_count() + 1}", "not divisible",
+          f"multiple of {jax.device_count()}")
+
+
+def test_unknown_dataset(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.data.name = "imagenet9"
+  _expect(c, tmp_path, "config.data.name='imagenet9'", "toy2d")
+
+
+def test_unknown_toy_distribution(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.data.distribution = "spiral"
+  _expect(c, tmp_path, "config.data.distribution='spiral'", "checkerboard")
+
+
+def test_unknown_model(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.model.name = "resnet"
+  _expect(c, tmp_path, "config.model.name='resnet'", "mlp")
+
+
+def test_distill_without_teacher_checkpoint(tmp_path, no_compile):
+  c = helpers.tiny_fgm_config(str(tmp_path / "no_teacher_here"))
+  _expect(c, tmp_path, "config.teacher.workdir=", "no teacher checkpoint",
+          "Train the teacher first")
+
+
+def test_unknown_fgm_weighting(tmp_path, no_compile):
+  c = helpers.tiny_fgm_config(str(tmp_path))
+  c.fgm.weighting = "snr"
+  _expect(c, tmp_path, "config.fgm.weighting='snr'", "sid_norm")
+
+
+def test_workdir_from_incompatible_config(tmp_path, monkeypatch):
+  c = helpers.tiny_teacher_config(num_steps=2, every=1)
+  loop.train(c, str(tmp_path), write_metrics=False, progress=False)
+  c.model.hidden = 16
+  with monkeypatch.context() as m:
+    m.setattr(jax, "jit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled")))
+    msg = _expect(c, tmp_path, "incompatible config", "config.model.hidden",
+                  "checkpoint has 32, this config has 16", "new --workdir")
+  assert "config.json" in msg
+
+
+def test_command_line_prints_one_clear_line(tmp_path):
+  """Through the CLI: exit code 2, the message on stderr, no traceback."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "fgm_jax.main", "--config=configs/toy2d_teacher.py",
+       f"--workdir={tmp_path}", "--config.optim.lr=-1.0"],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "error: config.optim.lr=-1.0 must be > 0" in proc.stderr
+  assert "Traceback" not in proc.stderr
