@@ -10,6 +10,7 @@ from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath  # local paths and gs:// buckets alike (TPU pods)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -21,7 +22,7 @@ def manager(directory: str, *, every: int = 1, keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
       create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(as_path(directory), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False):
@@ -45,25 +46,31 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
 
 def read_meta(directory: str, step: Optional[int] = None) -> dict:
   """The JSON metadata of a checkpoint without restoring its arrays."""
-  mgr = ocp.CheckpointManager(os.path.abspath(directory))
+  mgr = ocp.CheckpointManager(as_path(directory))
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise CheckpointNotFoundError(f"no complete checkpoint in {directory}.")
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def as_path(directory: str) -> epath.Path:
+  if "://" in str(directory):
+    return epath.Path(directory)
+  return epath.Path(os.path.abspath(directory))
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return str(as_path(workdir) / "checkpoints")
 
 
 def latest_step(directory: str) -> Optional[int]:
-  if not os.path.isdir(directory):
+  if not as_path(directory).is_dir():
     return None
-  return ocp.CheckpointManager(os.path.abspath(directory)).latest_step()
+  return ocp.CheckpointManager(as_path(directory)).latest_step()
 
 
 def write_json(path: str, obj: dict):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+  path = as_path(path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  tmp.replace(path)  # atomic on local disks: a crash never leaves half a file

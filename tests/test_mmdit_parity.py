@@ -139,3 +139,23 @@ def test_bfloat16_compute_is_close():
   ours = flax_forward(SD3_MEDIUM_LIKE, params, x, t, cond, dtype=jnp.bfloat16)
   assert ours.dtype == np.float32
   assert rel_err(ours, ref) < 0.05
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_params_and_outputs(remat):
+  model = torch_model(SD35_LIKE)
+  params = mmdit_keys.params_from_state(
+      {k: v.numpy() for k, v in model.state_dict().items()}, SD35_LIKE)
+  x, t, cond = random_inputs(SD35_LIKE, 1, 8, 8, 3)
+  base = mmdit.from_diffusers_config(SD35_LIKE)
+  module = mmdit.from_diffusers_config(SD35_LIKE, remat=remat)
+  assert (jax.tree_util.tree_structure(mmdit.abstract_variables(module)) ==
+          jax.tree_util.tree_structure(mmdit.abstract_variables(base)))
+
+  def loss(m):
+    return lambda p: jnp.sum(m.apply({"params": p}, x, t, cond) ** 2)
+  want = jax.jit(jax.value_and_grad(loss(base)))(params)
+  got = jax.jit(jax.value_and_grad(loss(module)))(params)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -51,8 +51,12 @@ def image_grid(images: np.ndarray, ncols: int = None, pad: int = 1) -> np.ndarra
 
 
 def save_png(path: str, image: np.ndarray, upscale: int = 1):
+  """Writes a PNG to a local path or a gs:// bucket."""
+  from etils import epath
   from PIL import Image
   img = Image.fromarray(image)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  img.save(path)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  epath.Path(path).write_bytes(buf.getvalue())

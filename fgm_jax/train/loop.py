@@ -66,9 +66,9 @@ def prepare_workdir(config, workdir):
   step = checkpoint.latest_step(ckpt_dir)
   if step is not None:
     config_checks.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    checkpoint.write_json(os.path.join(workdir, "config.json"),
+    checkpoint.write_json(str(checkpoint.as_path(workdir) / "config.json"),
                           {"fingerprint": config_checks.fingerprint(config),
                            "config": config.to_dict()})
   return step

@@ -1,9 +1,8 @@
 """Periodic pictures during training: scatter panels (2-D data) or image grids."""
 
-import os
-
 import numpy as np
 
+from fgm_jax import checkpoint
 from fgm_jax.evaluation import plots
 from fgm_jax.train import sampling
 
@@ -39,8 +38,9 @@ def picture(job, state, n: int) -> np.ndarray:
 def write(job, state, step: int, workdir: str, writer, n: int = 2000):
   """samples_<step>.png in the workdir and an image summary in TensorBoard."""
   image = picture(job, state, n)
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  folder = checkpoint.as_path(workdir) / "plots"
+  folder.mkdir(parents=True, exist_ok=True)
   upscale = 1 if job.shape == (2,) else 4
-  plots.save_png(os.path.join(workdir, "plots", f"samples_{step:07d}.png"), image, upscale)
+  plots.save_png(str(folder / f"samples_{step:07d}.png"), image, upscale)
   if writer is not None:
     writer.write_images(step, {"samples": image[None]})
