@@ -12,6 +12,7 @@ from fgm_jax import config_checks
 from fgm_jax import data as data_lib
 from fgm_jax import models
 from fgm_jax import parallel
+from fgm_jax.data import arrays
 from fgm_jax.train import optim
 from fgm_jax.train import state as state_lib
 from fgm_jax.train import steps
@@ -43,6 +44,7 @@ class TeacherJob:
     self.abstract_state = jax.eval_shape(lambda r: parallel.unbox(self._init_boxed(r)),
                                          self.base_rng)
     self._data = None
+    self._stream, self._stream_next = None, None
     self._step = jax.jit(
         functools.partial(steps.teacher_step, model=self.model, tx=self.tx,
                           flow_cfg=config.flow, ema_decay=config.optim.get("ema_decay", 0.0),
@@ -64,11 +66,25 @@ class TeacherJob:
     return jax.jit(lambda r: parallel.unbox(self._init_boxed(r)),
                    out_shardings=self.shardings)(self.base_rng)
 
+  def _local_batch(self, step: int):
+    """This process's slice of batch ``step``, prepared ahead on a background thread."""
+    if self._stream is None or step != self._stream_next:
+      self.close()
+      self._stream = arrays.prefetch(self.data, step, self.config.batch_size,
+                                     jax.process_index(), jax.process_count(),
+                                     depth=self.config.data.get("prefetch", 2))
+    got, local = next(self._stream)
+    self._stream_next = got + 1
+    return local
+
   def train_step(self, state, step: int):
-    local = self.data.batch(step, self.config.batch_size, jax.process_index(),
-                            jax.process_count())
-    batch = parallel.global_batch(local, self.mesh)
+    batch = parallel.global_batch(self._local_batch(step), self.mesh)
     return self._step(state, batch, jax.random.fold_in(self.base_rng, 1))
+
+  def close(self):
+    if self._stream is not None:
+      self._stream.close()  # stops and joins the prefetch thread
+      self._stream = None
 
   def sampling_params(self, state, use_ema=True):
     return state.ema_params if use_ema else state.params
@@ -123,6 +139,9 @@ class DistillJob:
 
   def sampling_params(self, state, use_ema=True):
     return state.gen_ema_params if use_ema else state.gen_params
+
+  def close(self):
+    pass
 
 
 def _teacher_run_config(config):

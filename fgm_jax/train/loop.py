@@ -117,6 +117,7 @@ def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
         visualize.write(job, state, done, workdir, writer)
       if flag.stop:
         break
+  job.close()
   mgr.wait_until_finished()
   mgr.close()
   if writer is not None:
