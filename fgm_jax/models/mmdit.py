@@ -8,7 +8,8 @@ Contract (shared by every model in fgm_jax)::
 * ``t``: (B,) in [0, 1], t = 0 data, t = 1 noise. SD3 checkpoints were trained with
   timesteps in [0, 1000], so the model feeds ``1000 * t`` to its timestep embedding.
 * ``cond``: ``{"context": (B, L, joint_attention_dim), "pooled": (B, pooled_projection_dim)}``
-  (T5+CLIP token embeddings and pooled CLIP embeddings for SD3).
+  (T5+CLIP token embeddings and pooled CLIP embeddings for SD3). Required: ``None``
+  raises, since SD3's unconditional branch is the empty prompt's embeddings, not zeros.
 * ``v``: same shape and dtype as ``x``. SD3 predicts ``noise - data`` which is exactly our
   velocity convention, so the network output is returned unchanged.
 
@@ -16,8 +17,10 @@ Layer semantics and chunk orders follow diffusers so that weights map one-to-one
 transposes): adaLN-Zero splits as (shift, scale, gate, ...) while the continuous adaLN
 (the last block's context norm and the output norm) splits as (scale, shift).
 
-Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). Norms,
-the timestep sinusoid and the positional table stay in float32.
+Parameters are float32; ``dtype`` is the compute dtype (bfloat16 on accelerators). Norm
+statistics and the timestep sinusoid are computed in float32. The positional table is a
+frozen buffer in diffusers; here it lives in ``params['pos_embed']`` so one tree loads and
+saves, and ``trainable_mask`` excludes it from optimizers.
 
 Sharding: every parameter carries logical axis names (see ``LOGICAL_RULES``):
 
