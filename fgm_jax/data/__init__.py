@@ -10,7 +10,7 @@ for the same step, so a resumed run sees exactly the data an uninterrupted one w
            this process's slice of the global batch for that step.
 """
 
-import importlib
+from fgm_jax import registry
 
 # name -> "module:factory"; factories take (data_config, seed) and return a source.
 _REGISTRY = {
@@ -25,9 +25,4 @@ def names():
 
 
 def build(data_config, seed: int):
-  name = data_config.name
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"config.data.name={name!r} is not a known dataset; choose one of {names()}.")
-  module_name, factory = _REGISTRY[name].split(":")
-  return getattr(importlib.import_module(module_name), factory)(data_config, seed)
+  return registry.resolve(_REGISTRY, data_config.name, "config.data.name")(data_config, seed)

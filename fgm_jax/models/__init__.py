@@ -6,10 +6,9 @@ with ``t`` in [0, 1] per example (t = 0 data, t = 1 noise). A model converts ``t
 its checkpoints expect (e.g. SD3's 1000 * t) inside itself, never in the caller.
 """
 
-import importlib
+from fgm_jax import registry
 
 # name -> "module:factory". Factories take the model ConfigDict and return a Linen module.
-# Imported lazily so that a toy run never pays for importing the U-Net or MM-DiT code.
 _REGISTRY = {
     "mlp": "fgm_jax.models.mlp:from_config",
     "unet": "fgm_jax.models.unet:from_config",
@@ -23,9 +22,4 @@ def names():
 
 def build(model_config):
   """Returns the Linen module named by ``model_config.name``."""
-  name = model_config.name
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"config.model.name={name!r} is not a known model; choose one of {names()}.")
-  module_name, factory = _REGISTRY[name].split(":")
-  return getattr(importlib.import_module(module_name), factory)(model_config)
+  return registry.resolve(_REGISTRY, model_config.name, "config.model.name")(model_config)
