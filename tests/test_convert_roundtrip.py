@@ -17,6 +17,7 @@ from fgm_jax.convert import common  # noqa: E402
 from fgm_jax.convert import diffusers as dconv  # noqa: E402
 from fgm_jax.convert import mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
+from tests.mmdit_reference import random_inputs, torch_forward  # noqa: E402
 
 CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
               num_attention_heads=3, joint_attention_dim=10, caption_projection_dim=24,
@@ -42,24 +43,8 @@ def random_params(module, seed=0):
   return common.unflatten({p: noise(p, a) for p, a in flat.items()})
 
 
-def inputs(batch=2, height=8, width=6, text_len=5, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.standard_normal((batch, height, width, CONFIG["in_channels"])).astype(np.float32)
-  t = rng.uniform(size=batch).astype(np.float32)
-  cond = {"context": rng.standard_normal(
-              (batch, text_len, CONFIG["joint_attention_dim"])).astype(np.float32),
-          "pooled": rng.standard_normal(
-              (batch, CONFIG["pooled_projection_dim"])).astype(np.float32)}
-  return x, t, cond
-
-
-def torch_forward(model, x, t, cond):
-  with torch.no_grad():
-    out = model(hidden_states=torch.from_numpy(x).permute(0, 3, 1, 2),
-                encoder_hidden_states=torch.from_numpy(cond["context"]),
-                pooled_projections=torch.from_numpy(cond["pooled"]),
-                timestep=torch.from_numpy(t) * 1000, return_dict=False)[0]
-  return out.permute(0, 2, 3, 1).numpy()
+def inputs():
+  return random_inputs(CONFIG, batch=2, height=8, width=6, text_len=5)
 
 
 @pytest.fixture(scope="module")
