@@ -48,10 +48,25 @@ def sample_job(config, workdir):
   return path
 
 
-def _metric_fn(data_config, job):
+def default_classifier_dir(config, workdir):
+  """Where the digits classifier is cached: config.eval.classifier_dir, else beside the run
+  (for runs/digits/fgm that is runs/digits/digits_classifier, the pipeline's own cache)."""
+  chosen = config.get("eval", {}).get("classifier_dir", None)
+  return chosen or os.path.join(os.path.dirname(os.path.abspath(workdir)), "digits_classifier")
+
+
+def _data_source(job):
+  return job.teacher_job.data if job.kind == "distill" else job.data
+
+
+METRIC_DATA = ("toy2d", "digits")  # data with a metric here (tfds images need FID weights)
+
+
+def metric_fn(data_config, job, classifier_dir=None):
+  """fn(samples, n) -> {metric: value}, or None when this data has no metric here."""
   if data_config.name == "toy2d":
     from fgm_jax.evaluation import toy_metrics
-    reference = job.teacher_job.data.reference if job.kind == "distill" else job.data.reference
+    reference = _data_source(job).reference
 
     def fn(x, n):
       ref = reference(n)
@@ -60,39 +75,73 @@ def _metric_fn(data_config, job):
     return fn
   if data_config.name == "digits":
     from fgm_jax.evaluation import digits_classifier
-    cache = os.path.join(os.path.dirname(os.path.abspath(job.workdir)), "_digits_classifier")
 
     def fn(x, n):
       del n
-      return {"fd": digits_classifier.digits_fd(x, cache)}
+      return {"fd": digits_classifier.digits_fd(x, classifier_dir)}
     return fn
-  raise NotImplementedError(
-      f"evaluation for data.name={data_config.name!r} needs FID with Inception-V3 weights, "
-      "which is not implemented yet; use job=sample and an external FID tool for now.")
+  return None
+
+
+def real_floor(data_config, job, metric, n, classifier_dir=None):
+  """The metric of real data against the reference: what a perfect generator would score.
+
+  digits: the 1,500 train images vs the 297 held-out ones (so evaluate 1,500 samples to
+  compare); toy 2-D: a second independent draw of n fresh points.
+  """
+  if data_config.name == "digits":
+    from fgm_jax.evaluation import digits_classifier
+    return {"fd": digits_classifier.real_floor(classifier_dir)}
+  if data_config.name == "toy2d":
+    return metric(_data_source(job).reference(n, seed=54321), n)
+  return None
+
+
+def sample_sets(job, state, eval_config):
+  """Named sample sets drawn from the SAME noise (eval_config.seed), for a fair comparison.
+
+  Keys: 'fgm_1step' (distill runs) then 'teacher_<method>_<k>step' for k in teacher_steps.
+  """
+  n, seed = eval_config.num_samples, eval_config.seed
+  out = {}
+  if job.kind == "teacher":
+    teacher_params, method = job.sampling_params(state), job.config.sample.method
+  else:
+    teacher_params, method = job.teacher_params, job.teacher_job.config.sample.method
+    out["fgm_1step"] = sampling.job_samples(job, state, n, seed)
+  for k in eval_config.teacher_steps:
+    out[f"teacher_{method}_{k}step"] = sampling.teacher_samples(
+        job.model, teacher_params, n, job.shape, seed, k, method)
+  return out
+
+
+def evaluate_samples(sets, metric, n):
+  """{name: metrics} for every sample set."""
+  results = {}
+  for name, x in sets.items():
+    results[name] = metric(x, n)
+    logging.info("%s: %s", name, results[name])
+  return results
 
 
 def evaluate_job(config, workdir):
   """eval.json: metrics of teacher N-step samples and (distill runs) FGM 1-step samples."""
-  job, state = restore_latest(config, workdir)
-  job.workdir = workdir
-  e = config.eval
   _, data_config = config_checks.architecture(config)
-  metric = _metric_fn(data_config, job)
+  if data_config.name not in METRIC_DATA:
+    # Checked before restoring anything; a user error, so main prints it without a traceback.
+    raise config_checks.ConfigError(
+        f"config.job='evaluate' for data.name={data_config.name!r} needs FID with Inception-V3 "
+        "weights, which is not implemented yet; use --config.job=sample and an external FID "
+        "tool on samples.npz for now.")
+  job, state = restore_latest(config, workdir)
+  e = config.eval
+  classifier_dir = default_classifier_dir(config, workdir)
+  metric = metric_fn(data_config, job, classifier_dir)
   results = {"step": int(state.step), "num_samples": e.num_samples}
-  if job.kind == "teacher":
-    teacher_model, teacher_params = job.model, job.sampling_params(state)
-    method = config.sample.method
-  else:
-    teacher_model, teacher_params = job.model, job.teacher_params
-    method = job.teacher_job.config.sample.method
-    x = sampling.job_samples(job, state, e.num_samples, e.seed)
-    results["fgm_1step"] = metric(x, e.num_samples)
-    logging.info("FGM 1-step: %s", results["fgm_1step"])
-  for k in e.teacher_steps:
-    x = sampling.teacher_samples(teacher_model, teacher_params, e.num_samples, job.shape,
-                                 e.seed, k, method)
-    results[f"teacher_{method}_{k}step"] = metric(x, e.num_samples)
-    logging.info("teacher %d-step: %s", k, results[f"teacher_{method}_{k}step"])
+  results.update(evaluate_samples(sample_sets(job, state, e), metric, e.num_samples))
+  floor = real_floor(data_config, job, metric, e.num_samples, classifier_dir)
+  if floor is not None:
+    results["real_data"] = floor
   path = os.path.join(workdir, e.get("output", "eval.json"))
   checkpoint.write_json(path, results)
   print(json.dumps(results, indent=2))
