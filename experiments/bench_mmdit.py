@@ -16,6 +16,7 @@ compile again. Prints a markdown table.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -45,6 +46,7 @@ def parse_args(argv):
                  help="comma list of none|dots|full for forward+backward")
   p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "cudnn"])
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--json", default=None, help="write all numbers to this JSON file")
   args = p.parse_args(argv)
   defaults = (2, 16, 8, 3) if args.tiny else (8, 64, 333, 10)
   for name, value in zip(("batch", "latent", "text_len", "repeats"), defaults):
@@ -108,31 +110,60 @@ def time_calls(fn, args, warmup, repeats):
 
 
 def random_params(module, x, t, cond):
-  # Init on device, then noise every leaf so no zero-initialised layer short-cuts work.
-  @jax.jit
-  def make(key):
-    params = jax.tree_util.tree_map(
-        lambda a: a.value if hasattr(a, "value") else a,
-        module.init(key, x, t, cond)["params"],
-        is_leaf=lambda a: hasattr(a, "value"))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [0.02 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
-  return make(jax.random.PRNGKey(0))
+  """Random float32 weights (std 0.02 everywhere, so no zero-initialised layer short-cuts
+  work). Shapes come from eval_shape: no init graph of the full model is compiled."""
+  abstract = jax.eval_shape(lambda k: module.init(k, x, t, cond)["params"],
+                            jax.random.PRNGKey(0))
+  abstract = jax.tree_util.tree_map(lambda a: a.value if hasattr(a, "value") else a,
+                                    abstract, is_leaf=lambda a: hasattr(a, "value"))
+  leaves, tree = jax.tree_util.tree_flatten(abstract)
+  # One small RNG program per distinct shape (eager calls are cached by shape); a single
+  # jit over all ~600 leaves took minutes to compile on an H100 host.
+  base = jax.random.PRNGKey(0)
+  return jax.tree_util.tree_unflatten(tree, [
+      0.02 * jax.random.normal(jax.random.fold_in(base, i), a.shape, a.dtype)
+      for i, a in enumerate(leaves)])
 
 
-def bench(mode, remat, cfg, args):
+def make_inputs(cfg, args):
+  kx, kt, kc, kp = jax.random.split(jax.random.PRNGKey(1), 4)
+  x = jax.random.normal(kx, (args.batch, args.latent, args.latent, cfg["in_channels"]))
+  t = jax.random.uniform(kt, (args.batch,))
+  cond = {"context": jax.random.normal(kc, (args.batch, args.text_len,
+                                           cfg["joint_attention_dim"])),
+          "pooled": jax.random.normal(kp, (args.batch, cfg["pooled_projection_dim"]))}
+  return x, t, cond
+
+
+def check_attention(cfg, args):
+  """Fused attention vs XLA's plain softmax attention at the benchmark's shape, in bf16,
+  both against a float32 reference. Fresh random inputs; returns relative errors."""
+  n = (args.latent // cfg["patch_size"]) ** 2 + args.text_len
+  shape = (args.batch, n, cfg["num_attention_heads"], cfg["attention_head_dim"])
+  q, k, v = (jax.random.normal(key, shape) for key in jax.random.split(
+      jax.random.PRNGKey(7), 3))
+  ref = mmdit.attention(q, k, v, "xla")
+  rel = lambda a: float(jnp.linalg.norm(a.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  out = {"xla_bf16": rel(jax.jit(lambda *a: mmdit.attention(*a, "xla"))(*bf))}
+  if args.attention_impl != "xla":
+    out[args.attention_impl + "_bf16"] = rel(
+        jax.jit(lambda *a: mmdit.attention(*a, args.attention_impl))(*bf))
+    # Backward too: gradient w.r.t. q, k, v of <attention, r> for a random r.
+    r = jax.random.normal(jax.random.PRNGKey(8), ref.shape)
+    grad = lambda impl, *a: jax.grad(lambda *b: jnp.vdot(
+        mmdit.attention(*b, impl).astype(jnp.float32), r), (0, 1, 2))(*a)
+    g_ref = jax.jit(lambda *a: grad("xla", *a))(q, k, v)
+    g_fused = jax.jit(lambda *a: grad(args.attention_impl, *a))(*bf)
+    out[args.attention_impl + "_bf16_grad_qkv"] = [
+        float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        for a, b in zip(g_fused, g_ref)]
+  return out
+
+
+def bench(mode, remat, cfg, args, params, inputs):
   module = mmdit.from_diffusers_config(cfg, dtype=args.dtype,
                                        attention_impl=args.attention_impl, remat=remat)
-  key = jax.random.PRNGKey(1)
-  x = jax.random.normal(key, (args.batch, args.latent, args.latent, cfg["in_channels"]))
-  t = jax.random.uniform(key, (args.batch,))
-  cond = {"context": jax.random.normal(key, (args.batch, args.text_len,
-                                            cfg["joint_attention_dim"])),
-          "pooled": jax.random.normal(key, (args.batch, cfg["pooled_projection_dim"]))}
-  params = random_params(module, x, t, cond)
-
   traces = [0]
 
   def forward(params, x, t, cond):
@@ -146,18 +177,22 @@ def bench(mode, remat, cfg, args):
     return jax.value_and_grad(loss)(params)
 
   fn = jax.jit(forward if mode == "forward" else loss_and_grad)
-  inputs = (params, x, t, cond)
-  flops_xla = xla_flops(fn.lower(*inputs))
-  traces[0] = 0
+  all_inputs = (params,) + tuple(inputs)
+  t0 = time.perf_counter()
   try:
-    for _ in range(args.warmup):
-      jax.block_until_ready(fn(*inputs))
+    flops_xla = xla_flops(fn.lower(*all_inputs))
+    traces[0] = 0
+    jax.block_until_ready(fn(*all_inputs))  # compile + first run
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+      jax.block_until_ready(fn(*all_inputs))
     traces_after_warmup, cache_after_warmup = traces[0], _cache_size(fn)
-    seconds = time_calls(fn, inputs, 0, args.repeats)
+    seconds = time_calls(fn, all_inputs, 0, args.repeats)
   except Exception as e:  # e.g. RESOURCE_EXHAUSTED: report and move on
+    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-      return dict(mode=mode, remat=remat, error="OOM")
-    raise
+      msg = "OOM"
+    return dict(mode=mode, remat=remat, error=msg)
   recompiled = traces[0] != traces_after_warmup or _cache_size(fn) != cache_after_warmup
   n_img = (args.latent // cfg["patch_size"]) ** 2
   flops_model = analytic_flops(cfg, args.batch, n_img, args.text_len)
@@ -166,7 +201,8 @@ def bench(mode, remat, cfg, args):
   return dict(mode=mode, remat=remat if mode != "forward" else "-", seconds=seconds,
               images_per_s=args.batch / seconds, tflops_xla=flops_xla / seconds / 1e12,
               tflops_model=flops_model / seconds / 1e12, peak=peak_bytes(),
-              recompiled=recompiled)
+              recompiled=recompiled, compile_s=compile_s,
+              gflop_per_image_fwd=analytic_flops(cfg, 1, n_img, args.text_len) / 1e9)
 
 
 def _cache_size(fn):
@@ -202,9 +238,31 @@ def markdown(rows, args, cfg):
 def main(argv=None):
   args = parse_args(argv)
   cfg = TINY if args.tiny else mmdit.SD3_MEDIUM
-  rows = [bench("forward", "none", cfg, args)]
-  for remat in args.remat.split(","):
-    rows.append(bench("forward+backward", remat.strip(), cfg, args))
+  t0 = time.perf_counter()
+  log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+  log(f"jax {jax.__version__}, devices {jax.devices()}")
+  try:
+    attn = check_attention(cfg, args)
+  except Exception as e:  # e.g. no cuDNN fused attention for this shape: fall back
+    attn = {"error": f"{args.attention_impl}: {str(e).splitlines()[0][:200]}"}
+    args.attention_impl = "xla"
+  log(f"attention relative error vs float32: {attn}")
+  inputs = make_inputs(cfg, args)
+  module = mmdit.from_diffusers_config(cfg, dtype=args.dtype)
+  params = jax.block_until_ready(random_params(module, *inputs))
+  n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
+  log(f"params: {n_params:,} (float32)")
+  rows = []
+  plan = [("forward", "none")] + [("forward+backward", r.strip())
+                                  for r in args.remat.split(",")]
+  for mode, remat in plan:
+    rows.append(bench(mode, remat, cfg, args, params, inputs))
+    log(f"{mode} remat={remat}: {rows[-1]}")
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(rows=rows, attention_rel_err=attn, params=n_params,
+                       device=jax.devices()[0].device_kind, jax=jax.__version__,
+                       args=vars(args)), f, indent=1, default=str)
   print(markdown(rows, args, cfg))
   if any(r.get("recompiled") for r in rows):
     sys.exit("timed calls recompiled: the benchmark numbers include compile time")

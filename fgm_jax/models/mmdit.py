@@ -172,8 +172,32 @@ def crop_pos_table(table, max_size, h, w):
   return grid.reshape(1, h * w, -1)
 
 
+_CUDNN_SEQ_MULTIPLE = 128  # cuDNN's flash-attention backward rejects odd lengths (1024+333)
+
+
+def _pad_tokens(x, multiple):
+  pad = -x.shape[1] % multiple
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+
+def padded_attention(q, k, v, impl, multiple):
+  """Attention over sequences zero-padded to ``multiple`` tokens, the pad masked out.
+
+  Exact: padded keys are excluded through ``key_value_seq_lengths`` and padded query rows
+  are sliced off, so the result equals unpadded attention.
+  """
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  out = jax.nn.dot_product_attention(
+      _pad_tokens(q, multiple), _pad_tokens(k, multiple), _pad_tokens(v, multiple),
+      query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32), implementation=impl)
+  return out[:, :t]
+
+
 def attention(q, k, v, impl):
-  """(B, T, N, H) multi-head attention; ``impl`` is 'xla' or 'cudnn'."""
+  """(B, T, N, H) multi-head attention; ``impl`` is 'xla' or 'cudnn' (fused, GPUs)."""
+  if impl == "cudnn" and (q.shape[1] % _CUDNN_SEQ_MULTIPLE or k.shape[1] % _CUDNN_SEQ_MULTIPLE):
+    return padded_attention(q, k, v, impl, _CUDNN_SEQ_MULTIPLE)
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
