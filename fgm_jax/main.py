@@ -63,8 +63,8 @@ def main(argv):
   except (config_checks.ConfigError, FileNotFoundError) as e:
     # A user error (bad config value, missing checkpoint, dataset or weights file), not a bug:
     # one clear message, no traceback. CheckpointNotFoundError and the data sources'
-    # DatasetNotFoundError are FileNotFoundErrors.
-    logging.error("%s", e)
+    # DatasetNotFoundError are FileNotFoundErrors. Printed once (absl's log also goes to
+    # stderr, so logging it as well would show it twice).
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
