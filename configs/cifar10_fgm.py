@@ -44,12 +44,6 @@ def get_config(variant=""):
   c.sample.num = 50_000
   c.eval = dict(num_samples=50_000, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
   if "runlocal" in words:
-    c.batch_size = 8
-    c.num_steps = 3
+    common.runlocal(c, batch_size=8, samples=16)
     c.optim.lr = c.online_optim.lr = 1e-4
-    c.checkpoint.every = 3
-    c.log.every = 1
-    c.log.plot_every = 0
-    c.sample.num = 16
-    c.eval.num_samples = 16
   return c

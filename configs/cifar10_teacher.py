@@ -60,12 +60,6 @@ def get_config(variant=""):
     # A one-level tiny U-Net (16 channels, attention at 32x32): compiles in a third of the
     # time of a two-level one on a CPU, and the run only has to show the pipeline works.
     c.model = unet.tiny(channel_mult=(1,), attn_resolutions=(32,))
-    c.batch_size = 8
-    c.num_steps = 3
+    common.runlocal(c, batch_size=8, samples=16)
     c.optim.warmup_steps = 0
-    c.checkpoint.every = 3
-    c.log.every = 1
-    c.log.plot_every = 0
-    c.sample.num = 16
-    c.eval.num_samples = 16
   return c

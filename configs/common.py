@@ -37,3 +37,16 @@ def base(job):
   c.sample = ml_collections.ConfigDict(dict(steps=50, method="euler", shift=1.0, num=10000,
                                             seed=1, use_ema=True, output="samples.npz"))
   return c
+
+
+def runlocal(c, batch_size, samples=None):
+  """Shrinks a config to a 3-step CPU smoke run that still checkpoints and logs each step."""
+  c.batch_size = batch_size
+  c.num_steps = 3
+  c.checkpoint.every = 3
+  c.log.every = 1
+  c.log.plot_every = 0
+  if samples:
+    c.sample.num = samples
+    c.eval.num_samples = samples
+  return c

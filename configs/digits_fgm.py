@@ -44,8 +44,5 @@ def get_config(variant=""):
   c.sample.num = 1500
   c.eval = dict(num_samples=1500, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
   if "runlocal" in words:
-    c.batch_size = 16
-    c.num_steps = 3
-    c.checkpoint.every = 3
-    c.log.every = 1
+    common.runlocal(c, batch_size=16)
   return c

@@ -35,8 +35,5 @@ def get_config(variant=""):
   # 1,500 samples: the same count as the real-data floor (train 1,500 vs held-out 297).
   c.eval = dict(num_samples=1500, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
   if "runlocal" in words:
-    c.batch_size = 16
-    c.num_steps = 3
-    c.checkpoint.every = 3
-    c.log.every = 1
+    common.runlocal(c, batch_size=16)
   return c
