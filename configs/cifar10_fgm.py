@@ -31,8 +31,7 @@ def get_config(variant=""):
   c.num_steps = 200_000  # [ours]
   # alpha = 1: the generator loss the paper trains with in practice (DESIGN.md §2) [FGM];
   # weighting, t*, t range and 1:1 update ratio [ours] (DESIGN.md defaults).
-  c.fgm = dict(alpha=1.0, weighting="sid_norm", t_star=1.0, t_min=0.0, t_max=1.0,
-               time_sampler="uniform", online_steps=1)
+  c.fgm = common.fgm()
   # Adam beta1 = 0, beta2 = 0.999, lr 1e-5 for both networks, with a generator EMA [FGM];
   # the EMA decay 0.9999 [ours].
   c.optim = common.optim(lr=1e-5, b1=0.0, b2=0.999, ema_decay=0.9999)  # generator
@@ -42,7 +41,7 @@ def get_config(variant=""):
   c.log.plot_every = 5_000
   c.log.teacher_steps = (4, 50)
   c.sample.num = 50_000
-  c.eval = dict(num_samples=50_000, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  c.eval = common.evaluation(50_000)
   if "runlocal" in words:
     common.runlocal(c, batch_size=8, samples=16)
     c.optim.lr = c.online_optim.lr = 1e-4

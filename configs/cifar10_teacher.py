@@ -55,7 +55,7 @@ def get_config(variant=""):
   c.log.plot_every = 10_000
   c.sample.steps = 50  # [ours] Euler; the paper reports the teacher with an adaptive solver
   c.sample.num = 50_000  # the FID convention
-  c.eval = dict(num_samples=50_000, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  c.eval = common.evaluation(50_000)
   if "runlocal" in words:
     # A one-level tiny U-Net (16 channels, attention at 32x32): compiles in a third of the
     # time of a two-level one on a CPU, and the run only has to show the pipeline works.

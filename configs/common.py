@@ -39,6 +39,18 @@ def base(job):
   return c
 
 
+def fgm(alpha=1.0, weighting="sid_norm", t_star=1.0):
+  """FGM loss settings; the defaults are DESIGN.md's (uniform t in [0, 1], one online-flow
+  update per generator update)."""
+  return dict(alpha=alpha, weighting=weighting, t_star=t_star, t_min=0.0, t_max=1.0,
+              time_sampler="uniform", online_steps=1)
+
+
+def evaluation(num_samples):
+  """job=evaluate / pipeline: teacher Euler 1, 4, 50 steps (and FGM 1 step) from seed 123."""
+  return dict(num_samples=num_samples, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+
+
 def runlocal(c, batch_size, samples=None):
   """Shrinks a config to a 3-step CPU smoke run that still checkpoints and logs each step."""
   c.batch_size = batch_size

@@ -32,8 +32,7 @@ def get_config(variant=""):
   # is large at this learning rate.
   c.batch_size = 64
   c.num_steps = 1600
-  c.fgm = dict(alpha=1.0, weighting="sid_norm", t_star=1.0, t_min=0.0, t_max=1.0,
-               time_sampler="uniform", online_steps=1)
+  c.fgm = common.fgm()
   # Adam with beta1 = 0 for both networks, as in the FGM/SiD recipes.
   c.optim = common.optim(lr=3e-4, b1=0.0, b2=0.999, ema_decay=0.995)  # generator
   c.online_optim = common.optim(lr=3e-4, b1=0.0, b2=0.999)
@@ -42,7 +41,7 @@ def get_config(variant=""):
   c.log.plot_every = 0
   c.log.teacher_steps = (4, 50)
   c.sample.num = 1500
-  c.eval = dict(num_samples=1500, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  c.eval = common.evaluation(1500)
   if "runlocal" in words:
     common.runlocal(c, batch_size=16)
   return c

@@ -33,7 +33,7 @@ def get_config(variant=""):
   c.log.plot_every = 0  # the pipeline draws its own grids; set e.g. 1000 for TensorBoard ones
   c.sample.num = 1500
   # 1,500 samples: the same count as the real-data floor (train 1,500 vs held-out 297).
-  c.eval = dict(num_samples=1500, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  c.eval = common.evaluation(1500)
   if "runlocal" in words:
     common.runlocal(c, batch_size=16)
   return c

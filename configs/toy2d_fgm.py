@@ -24,14 +24,13 @@ def get_config(variant=""):
   c.teacher.use_ema = True
   c.batch_size = 512
   c.num_steps = 16_000
-  c.fgm = dict(alpha=1.0, weighting="sid_norm", t_star=1.0, t_min=0.0, t_max=1.0,
-               time_sampler="uniform", online_steps=1)
+  c.fgm = common.fgm()
   # Adam with beta1 = 0 for both networks, as in the FGM/SiD recipes.
   c.optim = common.optim(lr=1e-4, b1=0.0, b2=0.999, ema_decay=0.999)  # generator
   c.online_optim = common.optim(lr=1e-4, b1=0.0, b2=0.999)
   c.log.plot_every = 4000
   c.log.teacher_steps = (4, 50)
-  c.eval = dict(num_samples=20_000, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  c.eval = common.evaluation(20_000)
   if "quick" in words:
     c.num_steps = 2000
     c.optim.ema_decay = 0.99

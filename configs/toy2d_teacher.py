@@ -26,7 +26,7 @@ def get_config(variant=""):
   c.flow = dict(time_sampler="uniform", t_min=0.0, t_max=1.0)
   c.optim = common.optim(lr=1e-3, warmup_steps=200, grad_clip=1.0, ema_decay=0.999)
   c.log.plot_every = 5000
-  c.eval = dict(num_samples=20_000, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  c.eval = common.evaluation(20_000)
   if "quick" in words:
     c.num_steps = 3000
     c.optim.ema_decay = 0.99

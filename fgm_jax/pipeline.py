@@ -133,19 +133,15 @@ def evaluate(job, state, config, workdir):
   """
   e = config.eval
   data_config = config.teacher.data
-  classifier_dir = os.path.join(workdir, "digits_classifier")
-  sets = eval_jobs.sample_sets(job, state, e)
+  metrics, sets = eval_jobs.measure(job, state, data_config, e,
+                                    os.path.join(workdir, "digits_classifier"))
   results = {"fgm_step": int(state.step), "num_samples": e.num_samples, "seed": e.seed,
              "model_parameters": int(sum(x.size for x in jax.tree.leaves(job.teacher_params)))}
-  metric = eval_jobs.metric_fn(data_config, job, classifier_dir)
-  if metric is None:
+  if metrics is None:
     logging.warning("No metric for data.name=%r on this machine (FID needs Inception-V3 "
                     "weights); the report has samples only.", data_config.name)
-    return results, sets
-  results["metrics"] = eval_jobs.evaluate_samples(sets, metric, e.num_samples)
-  floor = eval_jobs.real_floor(data_config, job, metric, e.num_samples, classifier_dir)
-  if floor is not None:
-    results["metrics"]["real_data"] = floor
+  else:
+    results["metrics"] = metrics
   return results, sets
 
 

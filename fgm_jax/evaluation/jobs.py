@@ -124,6 +124,22 @@ def evaluate_samples(sets, metric, n):
   return results
 
 
+def measure(job, state, data_config, eval_config, classifier_dir):
+  """(metrics or None, sample sets): every set drawn from the same noise, scored with this
+  data's metric, plus the real-data floor as 'real_data'. None where the data has no metric
+  here (tfds images need FID)."""
+  sets = sample_sets(job, state, eval_config)
+  metric = metric_fn(data_config, job, classifier_dir)
+  if metric is None:
+    return None, sets
+  n = eval_config.num_samples
+  metrics = evaluate_samples(sets, metric, n)
+  floor = real_floor(data_config, job, metric, n, classifier_dir)
+  if floor is not None:
+    metrics["real_data"] = floor
+  return metrics, sets
+
+
 def evaluate_job(config, workdir):
   """eval.json: metrics of teacher N-step samples and (distill runs) FGM 1-step samples."""
   _, data_config = config_checks.architecture(config)
@@ -135,13 +151,8 @@ def evaluate_job(config, workdir):
         "tool on samples.npz for now.")
   job, state = restore_latest(config, workdir)
   e = config.eval
-  classifier_dir = default_classifier_dir(config, workdir)
-  metric = metric_fn(data_config, job, classifier_dir)
-  results = {"step": int(state.step), "num_samples": e.num_samples}
-  results.update(evaluate_samples(sample_sets(job, state, e), metric, e.num_samples))
-  floor = real_floor(data_config, job, metric, e.num_samples, classifier_dir)
-  if floor is not None:
-    results["real_data"] = floor
+  metrics, _ = measure(job, state, data_config, e, default_classifier_dir(config, workdir))
+  results = {"step": int(state.step), "num_samples": e.num_samples, **metrics}
   path = os.path.join(workdir, e.get("output", "eval.json"))
   checkpoint.write_json(path, results)
   print(json.dumps(results, indent=2))
