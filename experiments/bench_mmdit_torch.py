@@ -17,13 +17,8 @@ import time
 import torch
 from diffusers import SD3Transformer2DModel
 
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-                  attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                  caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-                  pos_embed_max_size=192)
-TINY = dict(SD3_MEDIUM, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-            caption_projection_dim=32, joint_attention_dim=24, pooled_projection_dim=16,
-            pos_embed_max_size=16)
+# The exact shapes bench_mmdit.py times (importing it loads jax, but starts no device).
+from bench_mmdit import TINY, mmdit
 
 
 def timed(fn, repeats, cuda):
@@ -50,7 +45,7 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--json", default=None)
   args = p.parse_args()
-  cfg = TINY if args.tiny else SD3_MEDIUM
+  cfg = TINY if args.tiny else mmdit.SD3_MEDIUM
   batch, latent, text_len = (2, 16, 8) if args.tiny else (8, 64, 333)
   batch = args.batch or batch
   cuda = torch.cuda.is_available()
