@@ -13,12 +13,8 @@ Provenance of the values: [FGM] Huang et al. 2024 (Flow Generator Matching), CIF
 unconditional; [ours] our choice, where the paper gives no value we know of.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from configs import cifar10_teacher  # noqa: E402
+from configs import common
+from configs import cifar10_teacher
 
 
 def get_config(variant=""):
@@ -39,7 +35,6 @@ def get_config(variant=""):
   c.checkpoint.every = 5_000  # [ours]
   c.log.every = 100
   c.log.plot_every = 5_000
-  c.log.teacher_steps = (4, 50)
   c.sample.num = 50_000
   c.eval = common.evaluation(50_000)
   if "runlocal" in words:

@@ -12,14 +12,10 @@ Provenance of the values: [EDM] Karras et al. 2022 DDPM++ CIFAR-10; [score_sde] 
 with; [ours] our choice.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from fgm_jax.models import unet  # noqa: E402
+from configs import common
+from fgm_jax.models import unet
 
 
 def data_config():
@@ -46,7 +42,7 @@ def get_config(variant=""):
   c.data = data_config()
   c.batch_size = 128  # [score_sde]
   c.num_steps = 800_000  # [ours] (score_sde trains 1.3 M iterations)
-  c.flow = dict(time_sampler="uniform", t_min=0.0, t_max=1.0)  # rectified flow's uniform t
+  c.flow = common.times()  # rectified flow's uniform t on [0, 1]
   # Adam lr 2e-4, 5,000 warm-up steps, clipping at 1, EMA 0.9999 [score_sde].
   c.optim = common.optim(lr=2e-4, b1=0.9, b2=0.999, warmup_steps=5000, grad_clip=1.0,
                          ema_decay=0.9999)

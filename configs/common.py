@@ -2,6 +2,9 @@
 
 A variant is the text after ':' in --config=configs/x.py:variant, comma separated, e.g.
 ``configs/toy2d_fgm.py:checkerboard,quick``.
+
+Every default lives here, once: the code reads config fields directly (no ``.get(name,
+default)`` in fgm_jax), so a field a config file does not set comes from these functions.
 """
 
 import ml_collections
@@ -23,7 +26,8 @@ def optim(lr, b1=0.9, b2=0.999, warmup_steps=0, grad_clip=0.0, ema_decay=0.0):
 
 
 def mesh(data=-1, fsdp=1, tensor=1, rules=()):
-  """data=-1 uses every device not taken by fsdp/tensor; rules map logical axis names."""
+  """data=-1 uses every device not taken by fsdp/tensor. rules map logical axis names to mesh
+  axes; () means the model's own (mmdit.LOGICAL_RULES; shape-based FSDP for the others)."""
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=rules))
 
 
@@ -33,22 +37,35 @@ def base(job):
   c.seed = 0
   c.mesh = mesh()
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every=100, plot_every=0))
+  # teacher_steps: the teacher's N-step panels in the training pictures (log.plot_every).
+  c.log = ml_collections.ConfigDict(dict(every=100, plot_every=0, teacher_steps=(4, 50)))
   c.sample = ml_collections.ConfigDict(dict(steps=50, method="euler", shift=1.0, num=10000,
                                             seed=1, use_ema=True, output="samples.npz"))
   return c
 
 
+def times(time_sampler="uniform", t_min=0.0, t_max=1.0, logit_mean=0.0, logit_std=1.0,
+          shift=1.0):
+  """How a flow-matching loss draws t (flow.sample_time): uniform on [t_min, t_max], or
+  SD3's logit-normal with a time shift."""
+  return dict(time_sampler=time_sampler, t_min=t_min, t_max=t_max, logit_mean=logit_mean,
+              logit_std=logit_std, shift=shift)
+
+
 def fgm(alpha=1.0, weighting="sid_norm", t_star=1.0):
   """FGM loss settings; the defaults are DESIGN.md's (uniform t in [0, 1], one online-flow
   update per generator update)."""
-  return dict(alpha=alpha, weighting=weighting, t_star=t_star, t_min=0.0, t_max=1.0,
-              time_sampler="uniform", online_steps=1)
+  return dict(alpha=alpha, weighting=weighting, t_star=t_star, online_steps=1, **times())
 
 
 def evaluation(num_samples):
-  """job=evaluate / pipeline: teacher Euler 1, 4, 50 steps (and FGM 1 step) from seed 123."""
-  return dict(num_samples=num_samples, teacher_steps=(1, 4, 50), seed=123, output="eval.json")
+  """job=evaluate / pipeline: teacher Euler 1, 4, 50 steps (and FGM 1 step) from seed 123.
+
+  classifier_dir: where the digits classifier is cached (None: beside the run's workdir).
+  """
+  return ml_collections.ConfigDict(dict(
+      num_samples=num_samples, teacher_steps=(1, 4, 50), seed=123, output="eval.json",
+      classifier_dir=ml_collections.config_dict.placeholder(str)))
 
 
 def runlocal(c, batch_size, samples=None):

@@ -13,12 +13,8 @@ The default job is 'pipeline': it trains the teacher (configs/digits_teacher.py)
 Variants: 'runlocal' (a few steps of each, for smoke tests).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from configs import digits_teacher  # noqa: E402
+from configs import common
+from configs import digits_teacher
 
 
 def get_config(variant=""):
@@ -39,7 +35,6 @@ def get_config(variant=""):
   c.checkpoint.every = 400
   c.log.every = 100
   c.log.plot_every = 0
-  c.log.teacher_steps = (4, 50)
   c.sample.num = 1500
   c.eval = common.evaluation(1500)
   if "runlocal" in words:

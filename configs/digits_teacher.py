@@ -7,12 +7,8 @@ distils it and evaluates both in under 15 minutes there.
 Variants: 'runlocal' (a few steps, for smoke tests).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from fgm_jax.models import unet  # noqa: E402
+from configs import common
+from fgm_jax.models import unet
 
 
 def get_config(variant=""):
@@ -26,7 +22,7 @@ def get_config(variant=""):
   c.data = dict(name="digits", split="train", random_flip=False, shape=(8, 8, 1))
   c.batch_size = 128
   c.num_steps = 2000
-  c.flow = dict(time_sampler="uniform", t_min=0.0, t_max=1.0)
+  c.flow = common.times()
   c.optim = common.optim(lr=2e-3, warmup_steps=200, grad_clip=1.0, ema_decay=0.995)
   c.checkpoint.every = 1000
   c.log.every = 200

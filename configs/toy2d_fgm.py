@@ -8,12 +8,8 @@ all three networks); config.teacher.workdir names the teacher run to restore.
 Variants: as configs/toy2d_teacher.py.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
-from configs import toy2d_teacher  # noqa: E402
+from configs import common
+from configs import toy2d_teacher
 
 
 def get_config(variant=""):
@@ -29,7 +25,6 @@ def get_config(variant=""):
   c.optim = common.optim(lr=1e-4, b1=0.0, b2=0.999, ema_decay=0.999)  # generator
   c.online_optim = common.optim(lr=1e-4, b1=0.0, b2=0.999)
   c.log.plot_every = 4000
-  c.log.teacher_steps = (4, 50)
   c.eval = common.evaluation(20_000)
   if "quick" in words:
     c.num_steps = 2000

@@ -6,11 +6,7 @@ Variants: a distribution name (8gaussians default, checkerboard, moons, 25gaussi
 'quick' for the ~1-minute CPU smoke run used by the quickstart.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from configs import common
 
 DISTRIBUTIONS = ("8gaussians", "checkerboard", "moons", "25gaussians")
 
@@ -23,7 +19,7 @@ def get_config(variant=""):
   c.data = dict(name="toy2d", distribution=dist[0] if dist else "8gaussians")
   c.batch_size = 512
   c.num_steps = 20_000
-  c.flow = dict(time_sampler="uniform", t_min=0.0, t_max=1.0)
+  c.flow = common.times()
   c.optim = common.optim(lr=1e-3, warmup_steps=200, grad_clip=1.0, ema_decay=0.999)
   c.log.plot_every = 5000
   c.eval = common.evaluation(20_000)

@@ -12,6 +12,7 @@ from fgm_jax import data as data_lib
 from fgm_jax import fgm
 from fgm_jax import flow
 from fgm_jax import models
+from fgm_jax import parallel
 
 JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline")
 
@@ -29,10 +30,9 @@ def _check_optim(optim, field: str):
   _require(optim.lr > 0, f"{field}.lr={optim.lr} must be > 0; e.g. --{field}.lr=1e-4.")
   _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1,
            f"{field}.b1={optim.b1}, {field}.b2={optim.b2} must lie in [0, 1).")
-  _require(0 <= optim.get("ema_decay", 0.0) < 1,
-           f"{field}.ema_decay={optim.get('ema_decay')} must lie in [0, 1); 0 disables the EMA.")
-  _require(optim.get("warmup_steps", 0) >= 0,
-           f"{field}.warmup_steps={optim.get('warmup_steps')} must be >= 0.")
+  _require(0 <= optim.ema_decay < 1,
+           f"{field}.ema_decay={optim.ema_decay} must lie in [0, 1); 0 disables the EMA.")
+  _require(optim.warmup_steps >= 0, f"{field}.warmup_steps={optim.warmup_steps} must be >= 0.")
 
 
 def _check_model_and_data(model, data, field: str):
@@ -42,11 +42,21 @@ def _check_model_and_data(model, data, field: str):
   _require(data.name in data_lib.names(),
            f"{field}.data.name={data.name!r} is not a known dataset; choose one of "
            f"{data_lib.names()}.")
-  if data.name == "toy2d":
-    from fgm_jax.data import toy2d
-    _require(data.distribution in toy2d.DISTRIBUTIONS,
-             f"{field}.data.distribution={data.distribution!r} is not a toy distribution; "
-             f"choose one of {sorted(toy2d.DISTRIBUTIONS)}.")
+  problem = data_lib.config_problem(data)
+  _require(problem is None, f"{field}.{problem}")
+
+
+def _check_mesh(mesh, model):
+  """Axis sizes that fit the devices, and rules that name only mesh axes."""
+  try:
+    parallel.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, jax.device_count())
+  except ValueError as e:
+    raise ConfigError(f"{e} (there are {jax.device_count()} devices)") from None
+  for rule in parallel.rules_for(mesh, model):
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    _require(len(rule) == 2 and set(a for a in axes if a) <= set(parallel.MESH_AXES),
+             f"config.mesh.rules entry {rule!r} must be (logical name, mesh axis or axes) "
+             f"with mesh axes from {parallel.MESH_AXES}.")
 
 
 def _check_batch(batch_size: int, device_count: int):
@@ -73,7 +83,7 @@ def _check_fgm(fgm_cfg):
 
 
 def _check_teacher_checkpoint(teacher):
-  path = teacher.get("workdir", None)
+  path = teacher.workdir
   _require(bool(path), "config.teacher.workdir is empty; set it to the --workdir of a "
            "finished teacher run, e.g. --config.teacher.workdir=runs/toy2d_teacher.")
   ckpt_dir = checkpoint.checkpoint_dir(path)
@@ -86,9 +96,7 @@ def _check_teacher_checkpoint(teacher):
 def validate(config, device_count=None):
   """Raises ConfigError for the first unusable value. Cheap: no model is built."""
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
-  device_count = device_count or _batch_devices(config)
-  distill = "teacher" in config and "fgm" in config
-  if distill:
+  if is_distill(config):
     _check_model_and_data(config.teacher.model, config.teacher.data, "config.teacher")
     _check_fgm(config.fgm)
     _check_optim(config.optim, "config.optim")
@@ -102,7 +110,8 @@ def validate(config, device_count=None):
              "config.fgm (e.g. configs/toy2d_fgm.py); this one describes a teacher run.")
     _check_model_and_data(config.model, config.data, "config")
     _check_optim(config.optim, "config.optim")
-  _check_batch(config.batch_size, device_count)
+  _check_mesh(config.mesh, architecture(config)[0])
+  _check_batch(config.batch_size, device_count or _batch_devices(config))
   _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
   _require(config.sample.steps >= 1, f"config.sample.steps={config.sample.steps} must be >= 1.")
   _require(config.sample.method in flow.SAMPLERS,
@@ -116,12 +125,17 @@ def _batch_devices(config):
   mesh = config.mesh
   n = jax.device_count()
   if mesh.data == -1:
-    return n // max(1, mesh.get("tensor", 1))
+    return n // mesh.tensor
   return mesh.data * mesh.fsdp
 
 
 def is_distill(config) -> bool:
   return "teacher" in config and "fgm" in config
+
+
+def run_kind(config) -> str:
+  """'distill' or 'teacher': the training job that writes this config's checkpoints."""
+  return "distill" if is_distill(config) else "teacher"
 
 
 def architecture(config):
@@ -145,7 +159,7 @@ def compare_with_saved(config, saved: dict, workdir: str):
 
 def fingerprint(config) -> dict:
   model, data = architecture(config)
-  return {"kind": "distill" if is_distill(config) else "teacher",
+  return {"kind": run_kind(config),
           "model": model.to_dict(), "data": data.to_dict()}
 
 

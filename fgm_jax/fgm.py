@@ -44,20 +44,20 @@ def online_flow_loss(online_velocity_fn, x0, eps, t):
   return jnp.mean(flow.flow_matching_loss(online_velocity_fn(x_t, t), x0, eps))
 
 
-def loss_weight(kind: str, t, x0, x_t, v_teacher):
+def loss_weight(weighting: str, t, x0, x_t, v_teacher):
   """w(t) per example.
 
   'sid_norm': t² / stop_grad(mean |x0 - x0_hat_T(x_t)|) -- the x0-space form of the loss
   (x0_hat differences are t times velocity differences) normalised per sample as SiD does.
   'uniform': 1.
   """
-  if kind == "uniform":
+  if weighting == "uniform":
     return jnp.ones_like(t)
-  if kind == "sid_norm":
+  if weighting == "sid_norm":
     x0_hat = flow.clean_estimate(x_t, t, v_teacher)
     scale = _per_example_mean(jnp.abs(x0 - x0_hat))
     return jnp.square(t) / jax.lax.stop_gradient(scale + 1e-6)
-  raise ValueError(f"unknown FGM weighting {kind!r}; choose one of {WEIGHTINGS}.")
+  raise ValueError(f"unknown FGM weighting {weighting!r}; choose one of {WEIGHTINGS}.")
 
 
 def generator_loss_per_example(teacher_velocity_fn, online_velocity_fn, x0, eps, t,

@@ -6,7 +6,7 @@ Every function takes a velocity function ``velocity_fn(x, t) -> v`` with ``t`` o
 nothing here knows which network is behind it.
 """
 
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,21 +49,21 @@ def shift_time(t, shift: float):
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def sample_time(rng, batch: int, kind: str = "uniform", *, t_min: float = 0.0,
+def sample_time(rng, batch: int, sampler: str = "uniform", *, t_min: float = 0.0,
                 t_max: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0,
                 shift: float = 1.0):
   """Draws per-example times in [t_min, t_max].
 
-  kind: 'uniform'; 'logit_normal' (sigmoid of a normal, SD3's default training density).
+  sampler: 'uniform'; 'logit_normal' (sigmoid of a normal, SD3's default training density).
   ``shift`` then applies SD3's time shift; the result is clipped to [t_min, t_max].
   """
-  if kind == "uniform":
+  if sampler == "uniform":
     t = jax.random.uniform(rng, (batch,), minval=t_min, maxval=t_max)
-  elif kind == "logit_normal":
+  elif sampler == "logit_normal":
     t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,)))
     t = t_min + (t_max - t_min) * t
   else:
-    raise ValueError(f"unknown time sampler {kind!r}; use 'uniform' or 'logit_normal'.")
+    raise ValueError(f"unknown time sampler {sampler!r}; use 'uniform' or 'logit_normal'.")
   if shift != 1.0:
     t = shift_time(t, shift)
   return jnp.clip(t, t_min, t_max)

@@ -24,21 +24,22 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() (TPU pods, multi-node GPU).")
 
 
+# config.job -> "module:function(config, workdir)", imported on use (a toy run never loads
+# the evaluation or pipeline code it does not run).
+RUNS = {
+    "teacher": "fgm_jax.train.loop:train",
+    "distill": "fgm_jax.train.loop:train",
+    "pipeline": "fgm_jax.pipeline:run",
+    "sample": "fgm_jax.evaluation.evaluate:sample",
+    "evaluate": "fgm_jax.evaluation.evaluate:evaluate",
+}
+
+
 def run(config, workdir):
   from fgm_jax import config_checks
+  from fgm_jax import registry
   config_checks.validate(config)
-  if config.job in ("teacher", "distill"):
-    from fgm_jax.train import loop
-    loop.train(config, workdir)
-  elif config.job == "pipeline":
-    from fgm_jax import pipeline
-    pipeline.run(config, workdir)
-  elif config.job == "sample":
-    from fgm_jax.evaluation import jobs
-    jobs.sample_job(config, workdir)
-  else:
-    from fgm_jax.evaluation import jobs
-    jobs.evaluate_job(config, workdir)
+  return registry.resolve(RUNS, config.job, "config.job")(config, workdir)
 
 
 class _QuietLibraries:

@@ -11,24 +11,32 @@ Shardings come from, per leaf:
     replicate leaves with no such dimension (biases of odd size, scalars).
 Both rules depend only on a leaf's names/shape, so Adam moments and EMA copies of a parameter
 always get that parameter's sharding.
+
+Everything that is traced for a run (init, train steps, samplers) goes through one
+``ShardingContext``: it traces inside ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)``
+so that the models' ``nn.with_logical_constraint`` calls take effect, and its rules default to
+the model's own (``models.logical_rules``), so a config that names none still shards MM-DiT.
 """
 
+import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
-import numpy as np
 import flax.linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; data = -1 takes all devices left over."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
+def mesh_shape(data: int, fsdp: int, tensor: int, n: int):
+  """(data, fsdp, tensor) sizes for ``n`` devices, or ValueError naming config.mesh."""
+  for name, size in (("fsdp", fsdp), ("tensor", tensor)):
+    if size < 1:
+      raise ValueError(f"config.mesh.{name}={size} must be >= 1.")
+  if data != -1 and data < 1:
+    raise ValueError(f"config.mesh.data={data} must be >= 1, or -1 for all devices left over.")
   if data == -1:
     if n % (fsdp * tensor):
       raise ValueError(f"config.mesh: fsdp * tensor = {fsdp * tensor} does not divide the "
@@ -37,11 +45,72 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if data * fsdp * tensor != n:
     raise ValueError(f"config.mesh: data * fsdp * tensor = {data * fsdp * tensor} but there are "
                      f"{n} devices; set config.mesh.data=-1 to use all devices.")
-  return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+  return data, fsdp, tensor
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; data = -1 takes all devices left over.
+
+  ``jax.make_mesh`` orders the devices by the hardware topology (ICI rings on TPU); the axes
+  are Auto, so GSPMD propagates shardings between the constraints we set.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
-  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.get("tensor", 1), devices)
+  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
+
+
+def rules_for(mesh_config, model_config):
+  """The logical-axis rules of a run: config.mesh.rules when given, else the model's own."""
+  from fgm_jax import models  # parallel is imported by the models' users, not vice versa
+  rules = mesh_config.rules or models.logical_rules(model_config, mesh_config.tensor > 1)
+  return tuple(tuple(r) for r in rules)
+
+
+class ShardingContext:
+  """A mesh and its logical-axis rules; traces and runs a run's jitted functions under both.
+
+  Every function a run compiles is made by ``jit`` here, so no step, initialiser or sampler is
+  ever traced without the rules (flax reads them at trace time, and jax's compilation cache
+  does not key on them, so tracing outside once would stick).
+  """
+
+  def __init__(self, mesh: Mesh, rules=()):
+    self.mesh = mesh
+    self.rules = tuple(tuple(r) for r in rules)
+
+  @contextlib.contextmanager
+  def active(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def jit(self, fn, **jit_kwargs):
+    """jax.jit(fn) whose every call (and so its tracing) runs inside the context."""
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    def call(*args):
+      with self.active():
+        return jitted(*args)
+
+    call.jitted = jitted  # for cache inspection in tests
+    return call
+
+  def eval_shape(self, fn, *args):
+    with self.active():
+      return jax.eval_shape(fn, *args)
+
+  def shardings(self, abstract_tree):
+    return tree_shardings(abstract_tree, self.mesh, self.rules)
+
+  def batch(self):
+    return batch_sharding(self.mesh)
+
+  def replicated(self):
+    return replicated(self.mesh)
 
 
 def shape_rule_spec(shape: Sequence[int], fsdp_size: int) -> P:
@@ -90,11 +159,16 @@ def batch_device_count(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A global array from this process's slice of the batch (multi-host safe)."""
+def global_batch(local_batch, mesh: Mesh):
+  """Global arrays from this process's slice of a batch (an array or a pytree of them, e.g.
+  prompt embeddings), split over the data-parallel devices. Multi-host safe."""
   sharding = batch_sharding(mesh)
-  global_shape = (local_batch.shape[0] * jax.process_count(),) + local_batch.shape[1:]
-  return jax.make_array_from_process_local_data(sharding, local_batch, global_shape)
+
+  def one(local):
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+  return jax.tree.map(one, local_batch)
 
 
 def constrain_batch(x, mesh: Mesh):

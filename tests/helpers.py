@@ -1,14 +1,11 @@
 """Small configs shared by the tests (tiny models, few steps)."""
 
 import os
-import sys
+
+from configs import toy2d_fgm  # the repository root is on sys.path (pyproject's pytest
+from configs import toy2d_teacher  # pythonpath), as it is for `python -m` from the root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-from configs import toy2d_fgm  # noqa: E402
-from configs import toy2d_teacher  # noqa: E402
 
 
 def tiny_teacher_config(num_steps=40, every=10):

@@ -79,6 +79,20 @@ def test_unknown_fgm_weighting(tmp_path, no_compile):
   _expect(c, tmp_path, "config.fgm.weighting='snr'", "sid_norm")
 
 
+def test_mesh_that_does_not_fit_the_devices(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.mesh.fsdp = 3
+  _expect(c, tmp_path, "config.mesh", "fsdp * tensor = 3", f"{jax.device_count()} devices")
+  c.mesh.fsdp = 0
+  _expect(c, tmp_path, "config.mesh.fsdp=0 must be >= 1")
+
+
+def test_mesh_rules_name_mesh_axes(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.mesh.rules = (("embed", "model"),)
+  _expect(c, tmp_path, "config.mesh.rules entry ('embed', 'model')", "'fsdp'")
+
+
 def test_workdir_from_incompatible_config(tmp_path, monkeypatch):
   c = helpers.tiny_teacher_config(num_steps=2, every=1)
   loop.train(c, str(tmp_path), write_metrics=False, progress=False)

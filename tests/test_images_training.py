@@ -15,15 +15,13 @@ import pytest
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import parallel
-from fgm_jax.evaluation import jobs as eval_jobs
+from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.models import unet
-from fgm_jax.train import jobs
+from fgm_jax.train import trainers
 from fgm_jax.train import loop
-from tests import helpers  # noqa: F401  (puts the repo root on sys.path for configs)
-
-from configs import cifar10_fgm  # noqa: E402
-from configs import cifar10_teacher  # noqa: E402
-from configs import digits_teacher  # noqa: E402
+from configs import cifar10_fgm
+from configs import cifar10_teacher
+from configs import digits_teacher
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
@@ -53,14 +51,14 @@ def test_cifar10_runlocal_teacher_then_fgm(tmp_path):
   fgm = cifar10_fgm.get_config("runlocal")
   fgm.teacher.workdir = teacher_dir
   config_checks.validate(fgm)  # now that the teacher checkpoint exists
-  job, state = loop.train(fgm, str(tmp_path / "fgm"), write_metrics=False, progress=False)
+  trainer, state = loop.train(fgm, str(tmp_path / "fgm"), write_metrics=False, progress=False)
   assert int(state.step) == fgm.num_steps
-  x = np.asarray(jax.jit(lambda p, z: job.model.apply({"params": p}, z, z[:, 0, 0, 0]))(
+  x = np.asarray(jax.jit(lambda p, z: trainer.model.apply({"params": p}, z, z[:, 0, 0, 0]))(
       state.gen_params, np.zeros((8, 32, 32, 3), np.float32)))
   assert x.shape == (8, 32, 32, 3) and np.all(np.isfinite(x))
   # The generator moved away from its teacher initialisation.
   moved = [np.max(np.abs(a - b)) for a, b in zip(_leaves(state.gen_params),
-                                                 _leaves(job.teacher_params))]
+                                                 _leaves(trainer.teacher_params(state)))]
   assert max(moved) > 0
 
 
@@ -85,7 +83,7 @@ STEPS, STOP_AT = 6, 3
 def _compile_once(tmp_path_factory):
   """A persistent compilation cache for this module's runs.
 
-  Each TeacherJob (and each loop.train, which builds one) jits fresh functions, so the same
+  Each TeacherTrainer (and each loop.train, which builds one) jits fresh functions, so the same
   U-Net program would be compiled again for every run; on a loaded 2-core CPU that is most of
   this module's time. With the cache, identical programs compile once.
   """
@@ -120,13 +118,14 @@ def _meshes():
 
 
 def _teacher_steps(mesh, init_state=None):
-  job = jobs.TeacherJob(_unet_teacher_config(), mesh)
+  trainer = trainers.TeacherTrainer(_unet_teacher_config(), mesh)
   # Placing a given initial state saves compiling the (slow) U-Net initialiser once more.
-  state = job.init_state() if init_state is None else jax.device_put(init_state, job.shardings)
+  state = trainer.init_state() if init_state is None else jax.device_put(init_state, trainer.shardings)
   losses = []
   for step in range(STEPS):
-    state, metrics = job.train_step(state, step)
+    state, metrics = trainer.train_step(state, step)
     losses.append(float(metrics["loss"]))
+  assert trainer.traces["train_step"] == 1, trainer.traces  # no retrace between steps
   return losses, state
 
 
@@ -145,7 +144,7 @@ def unet_runs(tmp_path_factory):
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
   meshes = _meshes()
   out = {"4x2": _teacher_steps(meshes["4x2"])}
-  init = jobs.TeacherJob(_unet_teacher_config(), meshes["4x2"]).init_state()  # cached compile
+  init = trainers.TeacherTrainer(_unet_teacher_config(), meshes["4x2"]).init_state()  # cached compile
   out["single"] = _teacher_steps(meshes["single"], jax.device_get(init))
   root = tmp_path_factory.mktemp("unet_resume")
   config, mesh = _unet_teacher_config(), meshes["4x2"]
@@ -159,7 +158,7 @@ def unet_runs(tmp_path_factory):
   out["stopped_at"] = checkpoint.latest_step(ckpt_dir)
   _, out["resumed"] = loop.train(config, stopped, mesh=mesh, write_metrics=False,
                                  progress=False)
-  _, out["restored"] = eval_jobs.restore_latest(config, full, mesh=mesh)
+  _, out["restored"] = evaluate_lib.restore_latest(config, full, mesh=mesh)
   return out
 
 

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from fgm_jax.convert import common  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
+from tests.mmdit_reference import random_params  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -28,17 +29,6 @@ CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attentio
               pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
               dual_attention_layers=(0,), qk_norm="rms_norm")
 BATCH = 8  # split over data x fsdp
-
-
-def random_params(abstract, seed=0):
-  rng = np.random.default_rng(seed)
-  flat = common.flatten(nn.unbox(abstract)["params"])
-  out = {}
-  for path, a in flat.items():
-    z = rng.standard_normal(a.shape).astype(np.float32)
-    scale = 1 / np.sqrt(np.prod(a.shape[:-1])) if path[-1] == "kernel" else 0.2
-    out[path] = (z * scale + (1.0 if path[-1] == "scale" else 0.0)).astype(np.float32)
-  return common.unflatten(out)
 
 
 def inputs(seed=0):
@@ -54,7 +44,7 @@ def inputs(seed=0):
 def setup():
   module = mmdit.from_diffusers_config(CONFIG)
   abstract = mmdit.abstract_variables(module, batch=BATCH, height=8, width=8, text_len=5)
-  params = random_params(abstract)
+  params = random_params(nn.unbox(abstract)["params"])
   x, t, cond = inputs()
   with jax.default_device(jax.devices()[0]):
     reference = np.asarray(jax.jit(module.apply)({"params": params}, x, t, cond))

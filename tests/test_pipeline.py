@@ -12,12 +12,12 @@ import pytest
 from fgm_jax import config_checks
 from fgm_jax import main as main_lib
 from fgm_jax import pipeline
-from fgm_jax.evaluation import jobs as eval_jobs
+from fgm_jax.evaluation import evaluate as evaluate_lib
 from tests import helpers
 
-from configs import cifar10_fgm  # noqa: E402
-from configs import digits_fgm  # noqa: E402  (helpers put the repo root on sys.path)
-from configs import digits_teacher  # noqa: E402
+from configs import cifar10_fgm
+from configs import digits_fgm
+from configs import digits_teacher
 
 
 def _tiny_pipeline_config():
@@ -132,4 +132,4 @@ def test_cifar10_evaluate_stops_before_restoring(tmp_path):
   c = cifar10_fgm.get_config()
   c.job = "evaluate"
   with pytest.raises(config_checks.ConfigError, match="needs FID with Inception-V3"):
-    eval_jobs.evaluate_job(c, str(tmp_path / "nothing_here"))
+    evaluate_lib.evaluate(c, str(tmp_path / "nothing_here"))

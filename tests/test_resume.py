@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fgm_jax import checkpoint
-from fgm_jax.evaluation import jobs as eval_jobs
+from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import loop
 from tests import helpers
 
@@ -61,7 +61,7 @@ def _complete_steps(ckpt_dir):
 
 
 def _final_params(config, workdir):
-  job, state = eval_jobs.restore_latest(config, workdir)
+  job, state = evaluate_lib.restore_latest(config, workdir)
   return int(state.step), jax.device_get(state)
 
 

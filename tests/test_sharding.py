@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fgm_jax import parallel
-from fgm_jax.train import jobs
+from fgm_jax.train import trainers
 from tests import helpers
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8,
@@ -19,14 +19,16 @@ def _meshes():
 
 def _run_distill(mesh, iterations=20):
   teacher_cfg = helpers.tiny_teacher_config()
-  teacher = jobs.TeacherJob(teacher_cfg, mesh).init_state()  # same seed -> same values
+  teacher = trainers.TeacherTrainer(teacher_cfg, mesh).init_state()  # same seed -> same values
   config = helpers.tiny_fgm_config("unused")
-  job = jobs.DistillJob(config, mesh, teacher_params=teacher.params)
-  state = job.init_state()
+  trainer = trainers.DistillTrainer(config, mesh, teacher_params=teacher.params)
+  state = trainer.init_state()
   losses = []
   for step in range(iterations):
-    state, metrics = job.train_step(state, step)
+    state, metrics = trainer.train_step(state, step)
     losses.append({k: float(v) for k, v in metrics.items()})
+  # Retrace guard: every iteration reuses the one compiled step.
+  assert trainer.traces["train_step"] == 1, trainer.traces
   return state, losses
 
 
@@ -67,12 +69,13 @@ def test_parameters_are_split_over_fsdp(distill_runs):
 def test_teacher_steps_match_across_meshes():
   out = {}
   for name, mesh in _meshes().items():
-    job = jobs.TeacherJob(helpers.tiny_teacher_config(), mesh)
-    state = job.init_state()
+    trainer = trainers.TeacherTrainer(helpers.tiny_teacher_config(), mesh)
+    state = trainer.init_state()
     losses = []
     for step in range(10):
-      state, m = job.train_step(state, step)
+      state, m = trainer.train_step(state, step)
       losses.append(float(m["loss"]))
+    assert trainer.traces["train_step"] == 1, trainer.traces
     out[name] = (losses, jax.device_get(state.params))
   np.testing.assert_allclose(out["single"][0], out["4x2"][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out["single"][1]), jax.tree.leaves(out["4x2"][1])):

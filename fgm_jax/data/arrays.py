@@ -1,7 +1,8 @@
-"""In-memory image sources that are pure functions of (seed, step).
+"""In-memory sources that are pure functions of (seed, step), and their prefetching stream.
 
-Both the digits and the tfds sources hold their whole split in host memory and sample from
-it here. There is no iterator state: example ``k = step * global_batch + j`` of the stream is
+The digits and the tfds sources hold their whole split in host memory and sample from it
+here (``ArraySource``); ``RowSource`` does the same for conditioning rows. There is no
+iterator state: example ``k = step * global_batch + j`` of the stream is
 ``perm(seed, k // n)[k % n]``, a fresh permutation per epoch, so ``batch(step)`` is the same in
 a resumed run as in an uninterrupted one, and the same whatever the number of processes.
 """
@@ -98,6 +99,32 @@ class ArraySource:
     return x
 
 
+class RowSource:
+  """Rows of a pytree of equal-length arrays held in memory, drawn like ``ArraySource``.
+
+  For conditioning that travels as data (e.g. a cache of prompt embeddings): the rows of batch
+  ``step`` are a pure function of (seed, step), so a resumed run draws the same ones.
+  """
+
+  def __init__(self, tree, seed: int):
+    import jax  # tree utilities only; keeps this module importable without jax
+    self._tree_map = jax.tree.map
+    lengths = {len(x) for x in jax.tree.leaves(tree)}
+    if len(lengths) != 1 or 0 in lengths:
+      raise ValueError(f"RowSource needs non-empty arrays of one length; got lengths "
+                       f"{sorted(lengths)}.")
+    self.tree = tree
+    self.seed = int(seed)
+    self.num_rows = lengths.pop()
+
+  def batch(self, step: int, global_batch: int, process_index: int = 0,
+            process_count: int = 1):
+    local = check_batch_args(global_batch, process_index, process_count)
+    start, stop = process_index * local, (process_index + 1) * local
+    idx = example_indices(self.seed, int(step), self.num_rows, global_batch, start, stop)
+    return self._tree_map(lambda x: np.asarray(x)[idx], self.tree)
+
+
 def prefetch(source, start_step: int, global_batch: int, process_index: int = 0,
              process_count: int = 1, depth: int = 2, stop_step=None):
   """Yields (step, batch) from start_step on, computing up to `depth` batches ahead.
@@ -136,12 +163,41 @@ def prefetch(source, start_step: int, global_batch: int, process_index: int = 0,
   thread.start()
   try:
     while True:
-      kind, step, payload = q.get()
-      if kind == "end":
+      tag, step, payload = q.get()
+      if tag == "end":
         return
-      if kind == "error":
+      if tag == "error":
         raise payload
       yield step, payload
   finally:
     stop.set()
     thread.join()
+
+
+class StepStream:
+  """This process's slice of batch ``step`` of a step-keyed source, computed ahead.
+
+  Holds one ``prefetch`` generator; a request for any step other than the next one (the first
+  call, a resume, a jump) restarts it there, so callers just ask for the step they are at.
+  """
+
+  def __init__(self, source, global_batch: int, process_index: int = 0,
+               process_count: int = 1, depth: int = 2):
+    check_batch_args(global_batch, process_index, process_count)
+    self.source, self.global_batch, self.depth = source, global_batch, depth
+    self.process_index, self.process_count = process_index, process_count
+    self._stream, self._next = None, None
+
+  def __call__(self, step: int):
+    if self._stream is None or step != self._next:
+      self.close()
+      self._stream = prefetch(self.source, step, self.global_batch, self.process_index,
+                              self.process_count, depth=self.depth)
+    got, local = next(self._stream)
+    self._next = got + 1
+    return local
+
+  def close(self):
+    if self._stream is not None:
+      self._stream.close()  # stops and joins the prefetch thread
+      self._stream = None

@@ -74,3 +74,15 @@ class Toy2D:
 
 def from_config(data_config, seed: int):
   return Toy2D(data_config.distribution, seed)
+
+
+def example_shape(data_config):
+  del data_config
+  return Toy2D.shape
+
+
+def check_config(data_config):
+  if data_config.distribution not in DISTRIBUTIONS:
+    return (f"data.distribution={data_config.distribution!r} is not a toy distribution; "
+            f"choose one of {sorted(DISTRIBUTIONS)}.")
+  return None

@@ -2,9 +2,13 @@
 
 import io
 import math
-from typing import Dict
+import os
+from typing import Dict, Sequence
 
 import numpy as np
+
+GRID_IMAGES = 64  # per panel: an 8 x 8 grid
+SCATTER_POINTS = 5000
 
 
 def _figure_to_array(fig) -> np.ndarray:
@@ -60,3 +64,31 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1):
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   epath.Path(path).write_bytes(buf.getvalue())
+
+
+def labelled_grids(grids: Dict[str, np.ndarray], path: str, panel_inches: float = 3.2):
+  """Image grids side by side, each titled with its name, saved as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(grids), figsize=(panel_inches * len(grids),
+                                                   panel_inches + 0.4), squeeze=False)
+  for ax, (name, grid) in zip(axes[0], grids.items()):
+    # Nearest-neighbour keeps 8x8 digits crisp instead of smearing them.
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_title(name, fontsize=10)
+    ax.set_xticks([]), ax.set_yticks([])
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def sample_sets_figure(sets: Sequence, picture: str, folder: str) -> str:
+  """samples.png (picture='scatter': 2-D points) or grids.png (image grids) of labelled sample
+  sets (train.sampling.SampleSet), panels in the given order; returns the file name."""
+  if picture == "scatter":
+    path = os.path.join(folder, "samples.png")
+    scatter_panels({s.label: s.x[:SCATTER_POINTS] for s in sets}, path=path)
+  else:
+    path = os.path.join(folder, "grids.png")
+    labelled_grids({s.label: image_grid(s.x[:GRID_IMAGES], ncols=8) for s in sets}, path)
+  return os.path.basename(path)

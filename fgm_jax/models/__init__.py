@@ -4,6 +4,11 @@
 
 with ``t`` in [0, 1] per example (t = 0 data, t = 1 noise). A model converts ``t`` to whatever
 its checkpoints expect (e.g. SD3's 1000 * t) inside itself, never in the caller.
+
+A model module may also define, and the trainers use when present:
+  * ``LOGICAL_RULES`` (and ``TENSOR_LOGICAL_RULES``): its logical-axis -> mesh-axis rules, the
+    default of ``config.mesh.rules``; models without logical names shard by shape.
+  * ``example_cond(model_config, batch)``: dummy conditioning for init (models that need one).
 """
 
 from fgm_jax import registry
@@ -14,6 +19,7 @@ _REGISTRY = {
     "unet": "fgm_jax.models.unet:from_config",
     "mmdit": "fgm_jax.models.mmdit:from_config",
 }
+_FIELD = "config.model.name"
 
 
 def names():
@@ -22,4 +28,19 @@ def names():
 
 def build(model_config):
   """Returns the Linen module named by ``model_config.name``."""
-  return registry.resolve(_REGISTRY, model_config.name, "config.model.name")(model_config)
+  return registry.resolve(_REGISTRY, model_config.name, _FIELD)(model_config)
+
+
+def logical_rules(model_config, tensor_parallel: bool = False):
+  """The model's own logical-axis rules (() for models that shard by shape)."""
+  module = registry.module(_REGISTRY, model_config.name, _FIELD)
+  if tensor_parallel and hasattr(module, "TENSOR_LOGICAL_RULES"):
+    return module.TENSOR_LOGICAL_RULES
+  return getattr(module, "LOGICAL_RULES", ())
+
+
+def example_cond(model_config, batch: int):
+  """Dummy conditioning of batch ``batch`` for init, or None for unconditional models."""
+  module = registry.module(_REGISTRY, model_config.name, _FIELD)
+  fn = getattr(module, "example_cond", None)
+  return None if fn is None else fn(model_config, batch)

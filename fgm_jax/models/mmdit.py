@@ -529,3 +529,9 @@ def trainable_mask(params):
   """Pytree of bools like ``params``: False for the frozen positional table."""
   return {k: jax.tree_util.tree_map(lambda _: k not in FROZEN_PARAMS, v)
           for k, v in params.items()}
+
+
+def example_cond(model_config, batch: int):
+  """Zero text conditioning for init: parameter shapes do not depend on the token count."""
+  _, _, cond = dummy_inputs(from_config(model_config), batch=batch, height=2, width=2)
+  return cond

@@ -6,7 +6,6 @@ checkpoint at the current step before exiting, so nothing is lost when a run is 
 """
 
 import math
-import os
 import signal
 
 import jax
@@ -15,7 +14,7 @@ from absl import logging
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import parallel
-from fgm_jax.train import jobs
+from fgm_jax.train import trainers
 from fgm_jax.train import visualize
 
 
@@ -81,32 +80,32 @@ def make_writer(workdir, enabled=True):
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
 
-def restore_or_init(job, mgr, step):
+def restore_or_init(trainer, mgr, step):
   if step is None:
-    return job.init_state(), 0
-  target = checkpoint.abstract_with_shardings(job.abstract_state, job.shardings)
+    return trainer.init_state(), 0
+  target = checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.shardings)
   state, _ = checkpoint.restore(mgr, step, target)
   logging.info("Resumed from the checkpoint of step %d.", step)
   return state, step
 
 
 def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
-  """Runs (or resumes) ``config`` up to ``config.num_steps``; returns the final state."""
+  """Runs (or resumes) ``config`` up to ``config.num_steps``; returns (trainer, final state)."""
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   latest = prepare_workdir(config, workdir)
-  job = jobs.build(config, mesh)
+  trainer = trainers.build(config, mesh)
   ckpt = config.checkpoint
   mgr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), every=ckpt.every,
-                           keep=ckpt.keep, async_save=ckpt.get("async_save", True))
-  state, start = restore_or_init(job, mgr, latest)
+                           keep=ckpt.keep, async_save=ckpt.async_save)
+  state, start = restore_or_init(trainer, mgr, latest)
   total = config.num_steps
   writer = make_writer(workdir, write_metrics)
   report = _progress_action(total, writer, config.log.every) if progress else None
-  plot_every = config.log.get("plot_every", 0)
+  plot_every = config.log.plot_every
   metrics, step = None, start
   with _StopFlag() as flag:
     for step in range(start, total):
-      state, metrics = job.train_step(state, step)
+      state, metrics = trainer.train_step(state, step)
       done = step + 1
       if report is not None:
         report(done)
@@ -114,15 +113,15 @@ def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
         _log_metrics(writer, done, metrics, progress)
       checkpoint.save(mgr, done, state, _meta(config, done), force=(done == total or flag.stop))
       if plot_every and (done % plot_every == 0 or done == total) and writer is not None:
-        visualize.write(job, state, done, workdir, writer)
+        visualize.write(trainer, state, done, workdir, writer)
       if flag.stop:
         break
-  job.close()
+  trainer.close()
   mgr.wait_until_finished()
   mgr.close()
   if writer is not None:
     writer.flush()
-  return job, state
+  return trainer, state
 
 
 def _progress_action(total, writer, every):

@@ -1,7 +1,8 @@
 """Optimizers and parameter EMA from an ``optim`` ConfigDict.
 
 Fields: lr, b1, b2, eps, warmup_steps, grad_clip (<= 0 disables), weight_decay, ema_decay
-(0 disables the EMA: the EMA copy then equals the parameters).
+(0 disables the EMA: the EMA copy then equals the parameters); configs/common.optim sets
+all of them.
 """
 
 import jax
@@ -10,7 +11,7 @@ import optax
 
 def learning_rate_schedule(optim_config):
   lr = optim_config.lr
-  warmup = optim_config.get("warmup_steps", 0)
+  warmup = optim_config.warmup_steps
   if warmup <= 0:
     return optax.constant_schedule(lr)
   return optax.join_schedules(
@@ -19,11 +20,11 @@ def learning_rate_schedule(optim_config):
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
   parts = []
-  if optim_config.get("grad_clip", 0.0) > 0:
+  if optim_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
   parts.append(optax.adamw(learning_rate_schedule(optim_config), b1=optim_config.b1,
-                           b2=optim_config.b2, eps=optim_config.get("eps", 1e-8),
-                           weight_decay=optim_config.get("weight_decay", 0.0)))
+                           b2=optim_config.b2, eps=optim_config.eps,
+                           weight_decay=optim_config.weight_decay))
   return optax.chain(*parts)
 
 

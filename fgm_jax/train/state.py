@@ -26,10 +26,11 @@ class DistillState:
   online_opt_state: Any
 
 
-def init_params(model, rng, example_shape, cond=None):
-  """Parameters (possibly logically boxed) for a batch-of-one dummy input."""
-  x = jnp.zeros((1,) + tuple(example_shape), jnp.float32)
-  t = jnp.zeros((1,), jnp.float32)
+def init_params(model, rng, example_shape, cond=None, batch=1):
+  """Parameters (possibly logically boxed) from a dummy input; they do not depend on
+  ``batch``, which only has to be one the mesh can split (``cond`` has that batch too)."""
+  x = jnp.zeros((batch,) + tuple(example_shape), jnp.float32)
+  t = jnp.zeros((batch,), jnp.float32)
   return model.init(rng, x, t, cond)["params"]
 
 

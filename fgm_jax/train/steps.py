@@ -1,4 +1,4 @@
-"""One training step per job, as pure functions of (state, inputs, rng).
+"""One training step per trainer, as pure functions of (state, inputs, rng).
 
 Randomness is keyed by ``fold_in(base_rng, state.step)``, so a step computes the same thing
 whenever it runs (fresh or resumed) and on any mesh (threefry is partitionable).
@@ -29,10 +29,8 @@ def velocity_fn(model, params, *, train=False, dropout_rng=None, cond=None):
 
 def draw_times(rng, batch, cfg):
   """Times for a flow-matching loss, from a config with time_sampler/t_min/t_max/... fields."""
-  return flow.sample_time(rng, batch, cfg.get("time_sampler", "uniform"),
-                          t_min=cfg.get("t_min", 0.0), t_max=cfg.get("t_max", 1.0),
-                          logit_mean=cfg.get("logit_mean", 0.0),
-                          logit_std=cfg.get("logit_std", 1.0), shift=cfg.get("shift", 1.0))
+  return flow.sample_time(rng, batch, cfg.time_sampler, t_min=cfg.t_min, t_max=cfg.t_max,
+                          logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=cfg.shift)
 
 
 def _apply_updates(tx, grads, opt_state, params):
@@ -69,13 +67,18 @@ def _generator_draws(rng, batch, shape, fgm_cfg, mesh):
   return z, eps, t
 
 
-def distill_step(state: DistillState, teacher_params, base_rng, *, model, gen_tx, online_tx,
-                 fgm_cfg, batch_size, shape, ema_decay, mesh):
-  """One FGM iteration: ``fgm_cfg.online_steps`` online-flow updates, then one generator update."""
+def distill_step(state: DistillState, teacher_params, cond, base_rng, *, model, gen_tx,
+                 online_tx, fgm_cfg, batch_size, shape, ema_decay, mesh):
+  """One FGM iteration: ``fgm_cfg.online_steps`` online-flow updates, then one generator update.
+
+  ``cond``: None (unconditional, data-free), or a pytree of per-example conditioning with
+  leading axis ``batch_size`` that all three networks see (e.g. prompt embeddings).
+  """
   rng = jax.random.fold_in(base_rng, state.step)
   t_star = fgm_cfg.t_star
   online_params, online_opt_state = state.online_params, state.online_opt_state
-  generator = velocity_fn(model, state.gen_params)
+  net = functools.partial(velocity_fn, model, cond=cond)
+  generator = net(state.gen_params)
 
   online_losses = []
   for k in range(fgm_cfg.online_steps):
@@ -83,7 +86,7 @@ def distill_step(state: DistillState, teacher_params, base_rng, *, model, gen_tx
     x0 = fgm.generator_sample(generator, z, t_star)
 
     def online_loss_fn(params):
-      return fgm.online_flow_loss(velocity_fn(model, params), x0, eps, t)
+      return fgm.online_flow_loss(net(params), x0, eps, t)
 
     loss, grads = jax.value_and_grad(online_loss_fn)(online_params)
     online_params, online_opt_state = _apply_updates(online_tx, grads, online_opt_state,
@@ -92,11 +95,11 @@ def distill_step(state: DistillState, teacher_params, base_rng, *, model, gen_tx
 
   z, eps, t = _generator_draws(jax.random.fold_in(rng, fgm_cfg.online_steps), batch_size,
                                shape, fgm_cfg, mesh)
-  teacher_v = velocity_fn(model, teacher_params)
-  online_v = velocity_fn(model, jax.lax.stop_gradient(online_params))
+  teacher_v = net(teacher_params)
+  online_v = net(jax.lax.stop_gradient(online_params))
 
   def gen_loss_fn(params):
-    x0 = fgm.generator_sample(velocity_fn(model, params), z, t_star)
+    x0 = fgm.generator_sample(net(params), z, t_star)
     return fgm.generator_loss(teacher_v, online_v, x0, eps, t, fgm_cfg.alpha, fgm_cfg.weighting)
 
   gen_loss, gen_grads = jax.value_and_grad(gen_loss_fn)(state.gen_params)

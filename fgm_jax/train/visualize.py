@@ -4,30 +4,16 @@ import numpy as np
 
 from fgm_jax import checkpoint
 from fgm_jax.evaluation import plots
-from fgm_jax.train import sampling
 
 PLOT_SEED = 7  # fixed noise, so successive pictures show the same samples evolving
 
 
-def panels(job, state, n: int):
-  """Named sample sets to show for the current state."""
-  if job.kind == "teacher":
-    steps = job.config.sample.steps
-    return {f"teacher {steps}-step": sampling.job_samples(job, state, n, PLOT_SEED)}
-  teacher_cfg = job.teacher_job.config
-  out = {}
-  for k in job.config.log.get("teacher_steps", (4,)):
-    out[f"teacher {k}-step"] = sampling.teacher_samples(
-        job.model, job.teacher_params, n, job.shape, PLOT_SEED, k, teacher_cfg.sample.method)
-  out["FGM 1-step"] = sampling.job_samples(job, state, n, PLOT_SEED)
-  return out
-
-
-def picture(job, state, n: int) -> np.ndarray:
-  sets = panels(job, state, n)
-  if job.shape == (2,):
-    return plots.scatter_panels(sets)
-  grids = [plots.image_grid(x[:64], ncols=8) for x in sets.values()]
+def picture(trainer, state, n: int) -> np.ndarray:
+  """The teacher's config.log.teacher_steps panels (and FGM 1-step for distill runs)."""
+  sets = trainer.sample_sets(state, n, PLOT_SEED, trainer.config.log.teacher_steps)
+  if _is_point_cloud(trainer.shape):
+    return plots.scatter_panels({s.label: s.x for s in sets})
+  grids = [plots.image_grid(s.x[:plots.GRID_IMAGES], ncols=8) for s in sets]
   gap = np.full((grids[0].shape[0], 4, 3), 255, np.uint8)
   out = grids[0]
   for g in grids[1:]:
@@ -35,12 +21,16 @@ def picture(job, state, n: int) -> np.ndarray:
   return out
 
 
-def write(job, state, step: int, workdir: str, writer, n: int = 2000):
+def _is_point_cloud(shape):
+  return len(shape) == 1
+
+
+def write(trainer, state, step: int, workdir: str, writer, n: int = 2000):
   """samples_<step>.png in the workdir and an image summary in TensorBoard."""
-  image = picture(job, state, n)
+  image = picture(trainer, state, n)
   folder = checkpoint.as_path(workdir) / "plots"
   folder.mkdir(parents=True, exist_ok=True)
-  upscale = 1 if job.shape == (2,) else 4
+  upscale = 1 if _is_point_cloud(trainer.shape) else 4
   plots.save_png(str(folder / f"samples_{step:07d}.png"), image, upscale)
   if writer is not None:
     writer.write_images(step, {"samples": image[None]})

@@ -1,0 +1,92 @@
+"""job=sample and job=evaluate: read a run's latest checkpoint, write samples or metrics.
+
+``measure`` is the one evaluation both job=evaluate and the pipeline run: the trainer's sample
+sets from one seed's noise, scored by the dataset's evaluator, plus the real-data floor.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from fgm_jax import checkpoint
+from fgm_jax import config_checks
+from fgm_jax import parallel
+from fgm_jax.evaluation import evaluators
+from fgm_jax.train import loop
+from fgm_jax.train import trainers
+
+
+def restore_latest(config, workdir, mesh=None):
+  """(trainer, state) of the newest checkpoint in ``workdir``, or a clear error."""
+  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  step = checkpoint.latest_step(ckpt_dir)
+  if step is None:
+    raise checkpoint.CheckpointNotFoundError(
+        f"--workdir={workdir} holds no checkpoint (looked in {ckpt_dir}). Train first with "
+        f"--config.job={config_checks.run_kind(config)} and the same --workdir, or point "
+        "--workdir at a finished run.")
+  config_checks.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
+  trainer = trainers.build(config, mesh)
+  mgr = checkpoint.manager(ckpt_dir, async_save=False)
+  state, _ = loop.restore_or_init(trainer, mgr, step)
+  mgr.close()
+  return trainer, state
+
+
+def sample(config, workdir):
+  """samples.npz (key 'x'): teacher with config.sample.steps, or the generator in one step."""
+  trainer, state = restore_latest(config, workdir)
+  s = config.sample
+  start = time.time()
+  samples = trainer.samples(state, s.num, s.seed, s.use_ema)
+  path = os.path.join(workdir, s.output)
+  np.savez(path, x=samples.x)
+  logging.info("Wrote %d %s samples to %s (%.1f s).", len(samples.x), samples.label, path,
+               time.time() - start)
+  print(f"wrote {path}: x{tuple(samples.x.shape)} ({samples.label})")
+  return path
+
+
+def measure(trainer, state, eval_config, workdir):
+  """(metrics or None, sample sets, evaluator).
+
+  Every set is drawn from the same noise (eval_config.seed) and scored with the data's
+  metric; the real-data floor is added as 'real_data'. Metrics are None where the data has no
+  metric here (the sets are still drawn, for pictures).
+  """
+  evaluator = evaluators.build(trainer, eval_config, workdir)
+  n = eval_config.num_samples
+  sets = trainer.sample_sets(state, n, eval_config.seed, eval_config.teacher_steps)
+  if not evaluator.has_metric:
+    return None, sets, evaluator
+  metrics = {}
+  for s in sets:
+    metrics[s.key] = evaluator.metric(s.x, n)
+    logging.info("%s: %s", s.label, metrics[s.key])
+  floor = evaluator.real_floor(n)
+  if floor is not None:
+    metrics["real_data"] = floor
+  return metrics, sets, evaluator
+
+
+def evaluate(config, workdir):
+  """eval.json: metrics of teacher N-step samples and (distill runs) FGM 1-step samples."""
+  _, data_config = config_checks.architecture(config)
+  evaluator_class = evaluators.evaluator_class(data_config)
+  if not evaluator_class.has_metric:
+    # Checked before restoring anything; a user error, so main prints it without a traceback.
+    raise config_checks.ConfigError(
+        f"config.job='evaluate' for data.name={data_config.name!r} "
+        f"{evaluator_class.missing_metric}")
+  trainer, state = restore_latest(config, workdir)
+  e = config.eval
+  metrics, _, _ = measure(trainer, state, e, workdir)
+  results = {"step": int(state.step), "num_samples": e.num_samples, **metrics}
+  path = os.path.join(workdir, e.output)
+  checkpoint.write_json(path, results)
+  print(json.dumps(results, indent=2))
+  return results

@@ -1,0 +1,263 @@
+"""The two trainers -- teacher (flow matching on data) and distill (FGM) -- behind one surface.
+
+A trainer owns its model, the sharded layout of its train state and its jitted functions; the
+loop (loop.py), the evaluators and the pipeline use only this surface, never the kind:
+
+    trainer.config, .mesh, .model, .shape        the run's config and what it trains
+    trainer.teacher_config                       the teacher run's config (sampler settings)
+    trainer.data_config, trainer.data            the teacher's data (built lazily)
+    trainer.shardings, .abstract_state           the state's layout, for init and restore
+    trainer.init_state(); trainer.train_step(state, step) -> (state, metrics); trainer.close()
+    trainer.teacher_params(state)                the teacher's sampling parameters
+    trainer.samples(state, n, seed, use_ema=True) -> SampleSet   what it trains (config.sample)
+    trainer.sample_sets(state, n, seed, teacher_steps) -> [SampleSet]       what to compare
+    trainer.traces                               how often each function was traced
+
+Every function is traced under the run's mesh and logical-axis rules (parallel.ShardingContext).
+"""
+
+import collections
+import functools
+
+import jax
+
+from fgm_jax import checkpoint
+from fgm_jax import config_checks
+from fgm_jax import data as data_lib
+from fgm_jax import models
+from fgm_jax import parallel
+from fgm_jax.data import arrays
+from fgm_jax.train import keys as keys_lib
+from fgm_jax.train import optim
+from fgm_jax.train import sampling
+from fgm_jax.train import state as state_lib
+from fgm_jax.train import steps
+
+
+class Trainer:
+  """What teacher and distill runs share: model, sharding context, samplers, teacher data."""
+
+  def __init__(self, config, mesh, *, model_config, teacher_config):
+    self.config, self.mesh = config, mesh
+    self.teacher_config = teacher_config
+    self.data_config = teacher_config.data
+    self.model = models.build(model_config)
+    self.model_config = model_config
+    self.shape = data_lib.example_shape(self.data_config)
+    self.keys = keys_lib.run_keys(config.seed)
+    self.sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model_config))
+    self.batch_devices = parallel.batch_device_count(mesh)
+    self.traces = collections.Counter()
+    self._samplers = {}
+    self._data = None
+
+  def _jit(self, name, fn, **jit_kwargs):
+    """Jitted under the run's sharding context; counts its traces (a retrace is a bug)."""
+    def counted(*args):
+      self.traces[name] += 1
+      return fn(*args)
+    return self.sharding.jit(counted, **jit_kwargs)
+
+  @property
+  def data(self):
+    if self._data is None:  # built lazily: sampling/evaluating a checkpoint needs no data
+      self._data = data_lib.build(self.data_config, self.teacher_config.seed)
+    return self._data
+
+  def _init_params_boxed(self):
+    """Logically boxed parameters of a fresh model (the teacher's layout)."""
+    batch = self.batch_devices  # a dummy batch the mesh can split
+    cond = models.example_cond(self.model_config, batch)
+    return state_lib.init_params(self.model, self.keys.init, self.shape, cond, batch=batch)
+
+  def _draw(self, name, fn, params, n, seed, chunk=4096):
+    """Samples of ``fn(params, z)`` from the seed's noise; one jitted sampler per name."""
+    if name not in self._samplers:
+      batch = self.sharding.batch()
+      self._samplers[name] = self._jit(name, fn, in_shardings=(self.param_shardings, batch),
+                                       out_shardings=batch)
+    sampler = functools.partial(self._samplers[name], params)
+    return sampling.draw(sampler, sampling.noise(n, self.shape, seed), chunk,
+                         self.batch_devices)
+
+  def _teacher_ode(self, params, n, seed, num_steps):
+    s = self.teacher_config.sample
+    fn = functools.partial(_teacher_ode_fn, model=self.model, num_steps=num_steps,
+                           method=s.method, shift=s.shift)
+    x = self._draw(f"teacher_{s.method}_{num_steps}step", fn, params, n, seed)
+    return sampling.teacher_set(s.method, num_steps, x)
+
+  def teacher_samples(self, state, n, seed, num_steps):
+    return self._teacher_ode(self.teacher_params(state), n, seed, num_steps)
+
+  def sample_sets(self, state, n, seed, teacher_steps):
+    """The teacher's N-step sets, in ``teacher_steps`` order, all from the same noise."""
+    return [self.teacher_samples(state, n, seed, k) for k in teacher_steps]
+
+  def close(self):
+    pass
+
+
+def _teacher_ode_fn(params, z, *, model, num_steps, method, shift):
+  return steps.teacher_sample(model, params, z, num_steps, method, shift)
+
+
+def _generator_fn(params, z, *, model, t_star):
+  return steps.generate(model, params, z, t_star)
+
+
+class TeacherTrainer(Trainer):
+  """Flow matching of ``config.model`` on ``config.data``."""
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh, model_config=config.model, teacher_config=config)
+    self.tx = optim.make_optimizer(config.optim)
+    self.boxed_state = self.sharding.eval_shape(self._init_boxed)
+    self.shardings = self.sharding.shardings(self.boxed_state)
+    self.param_shardings = self.shardings.params
+    self.abstract_state = parallel.unbox(self.boxed_state)
+    self._init = self._jit("init", lambda: parallel.unbox(self._init_boxed()),
+                           out_shardings=self.shardings)
+    self._step = self._jit(
+        "train_step",
+        functools.partial(steps.teacher_step, model=self.model, tx=self.tx,
+                          flow_cfg=config.flow, ema_decay=config.optim.ema_decay, mesh=mesh),
+        in_shardings=(self.shardings, self.sharding.batch(), self.sharding.replicated()),
+        out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
+    self._batches = None
+
+  def _init_boxed(self):
+    return state_lib.teacher_state(self._init_params_boxed(), self.tx)
+
+  def init_state(self):
+    return self._init()
+
+  def train_step(self, state, step: int):
+    if self._batches is None:
+      self._batches = arrays.StepStream(self.data, self.config.batch_size, jax.process_index(),
+                                        jax.process_count())
+    batch = parallel.global_batch(self._batches(step), self.mesh)
+    return self._step(state, batch, self.keys.teacher_step)
+
+  def close(self):
+    if self._batches is not None:
+      self._batches.close()
+      self._batches = None
+
+  def teacher_params(self, state, use_ema=True):
+    return state.ema_params if use_ema else state.params
+
+  def samples(self, state, n, seed, use_ema=True):
+    """The teacher's ODE with config.sample's steps and method."""
+    return self._teacher_ode(self.teacher_params(state, use_ema), n, seed,
+                             self.config.sample.steps)
+
+
+class DistillTrainer(Trainer):
+  """FGM: one-step generator from the frozen teacher named by ``config.teacher``.
+
+  ``cond_source`` (optional): a step-keyed source of conditioning rows (e.g. prompt
+  embeddings, ``data.arrays.RowSource``); each iteration then draws one global batch of them
+  and all three networks see it. Without one the step is data-free and unconditional.
+  """
+
+  def __init__(self, config, mesh, teacher_params=None, cond_source=None):
+    teacher_config = _teacher_run_config(config)
+    super().__init__(config, mesh, model_config=config.teacher.model,
+                     teacher_config=teacher_config)
+    self.gen_tx = optim.make_optimizer(config.optim)
+    self.online_tx = optim.make_optimizer(config.online_optim)
+    self.teacher_layout = TeacherTrainer(teacher_config, mesh)  # where its checkpoint goes
+    boxed_teacher = self.teacher_layout.boxed_state.params
+    boxed = self.sharding.eval_shape(self._state_from_teacher, boxed_teacher)
+    self.shardings = self.sharding.shardings(boxed)
+    self.param_shardings = self.sharding.shardings(boxed_teacher)
+    self.abstract_state = parallel.unbox(boxed)
+    self._frozen_teacher = (None if teacher_params is None
+                            else jax.device_put(teacher_params, self.param_shardings))
+    self.cond_source = cond_source
+    self._conds = None
+    self._init = self._jit("init", lambda p: parallel.unbox(self._state_from_teacher(p)),
+                           in_shardings=(self.param_shardings,), out_shardings=self.shardings)
+    self._step = self._jit(
+        "train_step",
+        functools.partial(steps.distill_step, model=self.model, gen_tx=self.gen_tx,
+                          online_tx=self.online_tx, fgm_cfg=config.fgm,
+                          batch_size=config.batch_size, shape=self.shape,
+                          ema_decay=config.optim.ema_decay, mesh=mesh),
+        in_shardings=(self.shardings, self.param_shardings, self.sharding.batch(),
+                      self.sharding.replicated()),
+        out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
+
+  def _state_from_teacher(self, teacher_params):
+    return state_lib.distill_state(teacher_params, self.gen_tx, self.online_tx)
+
+  @property
+  def frozen_teacher(self):
+    """Restored once, kept out of the train state, passed to the step undonated."""
+    if self._frozen_teacher is None:
+      self._frozen_teacher = restore_teacher_params(self.teacher_layout, self.config.teacher)
+    return self._frozen_teacher
+
+  def teacher_params(self, state=None):
+    del state  # the teacher is frozen: the same whatever the state
+    return self.frozen_teacher
+
+  def init_state(self):
+    return self._init(self.frozen_teacher)
+
+  def train_step(self, state, step: int):
+    # The state's own step keys the randomness; conditioning (if any) is keyed by step.
+    cond = None
+    if self.cond_source is not None:
+      if self._conds is None:
+        self._conds = arrays.StepStream(self.cond_source, self.config.batch_size,
+                                        jax.process_index(), jax.process_count())
+      cond = parallel.global_batch(self._conds(step), self.mesh)
+    return self._step(state, self.frozen_teacher, cond, self.keys.distill_step)
+
+  def close(self):
+    if self._conds is not None:
+      self._conds.close()
+      self._conds = None
+
+  def samples(self, state, n, seed, use_ema=True):
+    """The one-step generator's samples."""
+    params = state.gen_ema_params if use_ema else state.gen_params
+    fn = functools.partial(_generator_fn, model=self.model, t_star=self.config.fgm.t_star)
+    return sampling.generator_set(self._draw("generator", fn, params, n, seed))
+
+  def sample_sets(self, state, n, seed, teacher_steps):
+    """The teacher's N-step sets, then the FGM 1-step set, all from the same noise."""
+    return super().sample_sets(state, n, seed, teacher_steps) + [self.samples(state, n, seed)]
+
+
+def _teacher_run_config(config):
+  """The nested teacher config, completed with the distill run's mesh and batch."""
+  teacher = config.teacher.copy_and_resolve_references()
+  with teacher.unlocked():
+    teacher.mesh = config.mesh
+  return teacher
+
+
+def restore_teacher_params(teacher_layout: TeacherTrainer, teacher_config):
+  ckpt_dir = checkpoint.checkpoint_dir(teacher_config.workdir)
+  step = checkpoint.latest_step(ckpt_dir)
+  if step is None:
+    raise checkpoint.CheckpointNotFoundError(
+        f"config.teacher.workdir={teacher_config.workdir!r}: no teacher checkpoint in "
+        f"{ckpt_dir}; train the teacher first.")
+  saved = checkpoint.read_meta(ckpt_dir, step)
+  config_checks.compare_with_saved(teacher_layout.config, saved, teacher_config.workdir)
+  mgr = checkpoint.manager(ckpt_dir, async_save=False)
+  target = checkpoint.abstract_with_shardings(teacher_layout.abstract_state,
+                                              teacher_layout.shardings)
+  state, _ = checkpoint.restore(mgr, step, target)
+  mgr.close()
+  return teacher_layout.teacher_params(state, teacher_config.use_ema)
+
+
+def build(config, mesh, **kwargs):
+  if config_checks.is_distill(config):
+    return DistillTrainer(config, mesh, **kwargs)
+  return TeacherTrainer(config, mesh)
