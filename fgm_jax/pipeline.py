@@ -127,9 +127,8 @@ def _report_stage(progress, config, workdir, results, sets, evaluator):
   results["wall_time_s"] = dict(progress.wall)
   writer = jax.process_index() == 0
   picture = (plots.sample_sets_figure(panels, evaluator.picture, workdir) if writer else "")
-  report = report_lib.markdown(config, workdir, results, sets,
-                               evaluator.note(config.eval.num_samples), picture, progress.wall,
-                               time.time() - progress.start)
+  report = report_lib.markdown(config, workdir, results, sets, evaluator, picture,
+                               progress.wall, time.time() - progress.start)
   if writer:
     checkpoint.write_json(os.path.join(workdir, "eval.json"), results)
     with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -108,6 +108,36 @@ def test_prefetch_reraises_producer_errors():
     next(arrays.prefetch(Broken(), 0, 4))
 
 
+def test_step_stream_follows_the_step_it_is_asked_for():
+  import threading
+  src = _digits()
+  stream = arrays.StepStream(src, 16, process_index=0, process_count=2)
+  for step in (0, 1, 2, 7, 8, 3):  # in order, then a jump ahead, then back (a resume)
+    np.testing.assert_array_equal(stream(step), src.batch(step, 16, 0, 2))
+  stream.close()
+  assert not any(t.name == "fgm_jax-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_row_source_draws_pytrees_by_step_and_slices_by_process():
+  rng = np.random.default_rng(0)
+  rows = {"context": rng.standard_normal((10, 3, 4)), "pooled": np.arange(10.0)}
+  src = arrays.RowSource(rows, seed=5)
+  batch = src.batch(4, 8)
+  assert batch["context"].shape == (8, 3, 4) and batch["pooled"].shape == (8,)
+  # Rows stay paired across the tree's leaves (the same index picks both).
+  for c, p in zip(batch["context"], batch["pooled"]):
+    np.testing.assert_array_equal(c, rows["context"][int(p)])
+  halves = [src.batch(4, 8, i, 2) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h["pooled"] for h in halves]), batch["pooled"])
+  np.testing.assert_array_equal(src.batch(4, 8)["pooled"], batch["pooled"])
+  assert not np.array_equal(src.batch(5, 8)["pooled"], batch["pooled"])
+  # Consecutive steps walk through an epoch: 10 rows, batch 5 -> each row once in steps 0-1.
+  epoch = np.concatenate([src.batch(s, 5)["pooled"] for s in (0, 1)])
+  assert sorted(epoch) == list(range(10))
+  with pytest.raises(ValueError, match="one length"):
+    arrays.RowSource({"a": np.zeros(3), "b": np.zeros(4)}, seed=0)
+
+
 # --- tfds -------------------------------------------------------------------------------
 
 

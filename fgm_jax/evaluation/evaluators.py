@@ -8,6 +8,7 @@ An evaluator scores sample sets against its data and says how to show them:
     ev.reference_panel() -> SampleSet of real data for the pictures, or None
     ev.picture                     'scatter' (2-D points) or 'grid' (images)
     ev.note(n) -> one paragraph for the report: what the numbers mean
+    ev.title() -> the data's name in the report's heading
 
 Entries are modules (like the data and model registries), imported on first use, so CIFAR-10
 FID, MNIST-5k and GenEval each arrive as one more line here and one module.
@@ -55,6 +56,9 @@ class Evaluator:
   def note(self, n):
     del n
     return ""
+
+  def title(self):
+    return self.trainer.data_config.name
 
 
 def evaluator_class(data_config):

@@ -76,12 +76,11 @@ def metrics_table(metrics, sets):
   return lines
 
 
-def markdown(config, workdir, results, sets, note, picture, wall, total):
-  """The whole report.md of a pipeline run."""
-  t, d = config.teacher, config.teacher.data
-  detail = d.get("distribution", d.get("tfds_name", None))
+def markdown(config, workdir, results, sets, evaluator, picture, wall, total):
+  """The whole report.md of a pipeline run; ``evaluator`` names the data and the metric."""
+  t = config.teacher
   lines = [
-      f"# FGM pipeline: {d.name}" + (f" ({detail})" if detail else ""), "",
+      f"# FGM pipeline: {evaluator.title()}", "",
       f"Date: {time.strftime('%Y-%m-%d %H:%M')}. Machine: {machine()}.", "",
       f"Teacher: {t.model.name} ({results['model_parameters']:,} parameters, as are the "
       f"generator and the online flow), {t.num_steps} steps of flow matching, batch "
@@ -91,7 +90,7 @@ def markdown(config, workdir, results, sets, note, picture, wall, total):
       f"generator lr {config.optim.lr} (EMA {config.optim.ema_decay}), online lr "
       f"{config.online_optim.lr}. Teacher sampler: {t.sample.method}. All samplers start from "
       f"the same noise (seed {config.eval.seed}).", "",
-      note, "",
+      evaluator.note(config.eval.num_samples), "",
       *metrics_table(results.get("metrics"), sets), "",
       f"![samples]({picture})", "",
       "## Wall time", "",

@@ -26,3 +26,6 @@ class Toy2DEvaluator(evaluators.Evaluator):
   def note(self, n):
     return (f"Energy distance and sliced Wasserstein-2 (lower is better) between {n} samples "
             f"and {n} fresh data points; 'real data' is a second fresh draw.")
+
+  def title(self):
+    return f"toy2d ({self.trainer.data_config.distribution})"
