@@ -41,6 +41,9 @@ def base(job):
   c.log = ml_collections.ConfigDict(dict(every=100, plot_every=0, teacher_steps=(4, 50)))
   c.sample = ml_collections.ConfigDict(dict(steps=50, method="euler", shift=1.0, num=10000,
                                             seed=1, use_ema=True, output="samples.npz"))
+  # job=export (distill runs): output folder (None: <workdir>/generator), EMA or raw weights.
+  c.export = ml_collections.ConfigDict(dict(
+      output=ml_collections.config_dict.placeholder(str), use_ema=True))
   return c
 
 

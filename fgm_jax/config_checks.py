@@ -14,7 +14,10 @@ from fgm_jax import flow
 from fgm_jax import models
 from fgm_jax import parallel
 
-JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline")
+JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export")
+# The jobs of a distillation config that read the teacher's checkpoint. Sampling and exporting
+# a distilled generator need only its own run: the teacher may have been moved or deleted.
+TEACHER_JOBS = ("distill", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -102,10 +105,10 @@ def validate(config, device_count=None):
     _check_optim(config.optim, "config.optim")
     _check_optim(config.online_optim, "config.online_optim")
     _check_optim(config.teacher.optim, "config.teacher.optim")
-    if config.job != "pipeline":  # the pipeline trains its own teacher first
+    if config.job in TEACHER_JOBS:  # (the pipeline trains its own teacher first)
       _check_teacher_checkpoint(config.teacher)
   else:
-    _require(config.job not in ("distill", "pipeline"),
+    _require(config.job not in ("distill", "pipeline", "export"),
              f"config.job={config.job!r} needs a distillation config with config.teacher and "
              "config.fgm (e.g. configs/toy2d_fgm.py); this one describes a teacher run.")
     _check_model_and_data(config.model, config.data, "config")

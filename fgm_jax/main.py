@@ -3,8 +3,10 @@
     python -m fgm_jax.main --config=configs/toy2d_fgm.py --workdir=runs/fgm [--config.x=y ...]
 
 config.job picks what runs: 'teacher' or 'distill' train (resuming from --workdir);
-'sample' writes samples.npz; 'evaluate' writes eval.json; 'pipeline' (distill configs) trains
-the teacher, distils it, evaluates both and writes a report, all under --workdir.
+'sample' writes samples.npz (from a run, or from an exported generator folder); 'evaluate'
+writes eval.json; 'export' writes the one-step generator as a standalone folder; 'pipeline'
+(distill configs) trains the teacher, distils it, evaluates both and writes a report, all
+under --workdir.
 """
 
 import os
@@ -32,6 +34,7 @@ RUNS = {
     "pipeline": "fgm_jax.pipeline:run",
     "sample": "fgm_jax.evaluation.evaluate:sample",
     "evaluate": "fgm_jax.evaluation.evaluate:evaluate",
+    "export": "fgm_jax.export:export",
 }
 
 
@@ -59,10 +62,12 @@ def main(argv):
     import jax
     jax.distributed.initialize()
   from fgm_jax import config_checks
+  from fgm_jax import workdir_lock
   try:
     run(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, FileNotFoundError) as e:
-    # A user error (bad config value, missing checkpoint, dataset or weights file), not a bug:
+  except (config_checks.ConfigError, FileNotFoundError, workdir_lock.WorkdirLockedError) as e:
+    # A user error (bad config value, missing checkpoint, dataset or weights file, a workdir
+    # another run writes to), not a bug:
     # one clear message, no traceback. CheckpointNotFoundError and the data sources'
     # DatasetNotFoundError are FileNotFoundErrors. Printed once (absl's log also goes to
     # stderr, so logging it as well would show it twice).

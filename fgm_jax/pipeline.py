@@ -22,6 +22,7 @@ from absl import logging
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import parallel
+from fgm_jax import workdir_lock
 from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.evaluation import plots
 from fgm_jax.evaluation import report as report_lib
@@ -88,6 +89,11 @@ def _train_stage(progress, index, name, config, workdir, mesh, need_state=True):
 
 def run(config, workdir):
   """Teacher -> FGM -> evaluation -> report under ``workdir``; returns the results dict."""
+  with workdir_lock.held(workdir):
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   progress = _Progress()
   teacher_cfg, distill_cfg = stage_configs(config, workdir)
   config_checks.validate(teacher_cfg)  # the nested teacher's own fields (batch, steps, ...)

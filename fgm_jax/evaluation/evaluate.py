@@ -13,9 +13,11 @@ from absl import logging
 
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
+from fgm_jax import export
 from fgm_jax import parallel
 from fgm_jax.evaluation import evaluators
 from fgm_jax.train import loop
+from fgm_jax.train import sampling
 from fgm_jax.train import trainers
 
 
@@ -38,11 +40,18 @@ def restore_latest(config, workdir, mesh=None):
 
 
 def sample(config, workdir):
-  """samples.npz (key 'x'): teacher with config.sample.steps, or the generator in one step."""
-  trainer, state = restore_latest(config, workdir)
+  """samples.npz (key 'x'): teacher with config.sample.steps, or the generator in one step.
+
+  ``workdir`` is a run, or a folder written by job=export (then only config.sample is read).
+  """
   s = config.sample
   start = time.time()
-  samples = trainer.samples(state, s.num, s.seed, s.use_ema)
+  if export.is_artifact(workdir):
+    x = export.load_generator(workdir).sample(s.num, s.seed)
+    samples = sampling.generator_set(x)
+  else:
+    trainer, state = restore_latest(config, workdir)
+    samples = trainer.samples(state, s.num, s.seed, s.use_ema)
   path = os.path.join(workdir, s.output)
   np.savez(path, x=samples.x)
   logging.info("Wrote %d %s samples to %s (%.1f s).", len(samples.x), samples.label, path,

@@ -14,6 +14,7 @@ from absl import logging
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import parallel
+from fgm_jax import workdir_lock
 from fgm_jax.train import trainers
 from fgm_jax.train import visualize
 
@@ -90,7 +91,15 @@ def restore_or_init(trainer, mgr, step):
 
 
 def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
-  """Runs (or resumes) ``config`` up to ``config.num_steps``; returns (trainer, final state)."""
+  """Runs (or resumes) ``config`` up to ``config.num_steps``; returns (trainer, final state).
+
+  Holds the workdir's lock throughout: a second process on the same workdir stops at once.
+  """
+  with workdir_lock.held(workdir):
+    return _train(config, workdir, mesh, write_metrics, progress)
+
+
+def _train(config, workdir, mesh, write_metrics, progress):
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   latest = prepare_workdir(config, workdir)
   trainer = trainers.build(config, mesh)

@@ -1,0 +1,199 @@
+"""The one-step generator as a standalone artifact: job=export writes it, load_generator reads it.
+
+    python -m fgm_jax.main --config=configs/toy2d_fgm.py:quick --config.job=export \\
+        --workdir=runs/toy_quick/fgm                 # -> runs/toy_quick/fgm/generator/
+
+    import fgm_jax
+    gen = fgm_jax.load_generator("runs/toy_quick/fgm/generator")
+    x = gen.sample(10_000, seed=0)                   # or gen(z) with z ~ N(0, I) of gen.shape
+
+An artifact folder holds
+
+    generator.safetensors   the generator's parameters ('/'-joined names), EMA by default
+    generator.json          format, model config, t*, example shape, step, teacher, FGM
+                            settings, metrics (when the run was evaluated)
+    README.md               the same metadata for people, and how to load it
+
+Nothing else is needed: no teacher, no training config, no orbax. The safetensors file holds
+only arrays, so loading it runs no code.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Tuple
+
+import numpy as np
+
+FORMAT = "fgm_jax.generator/1"
+META_NAME = "generator.json"
+WEIGHTS_NAME = "generator.safetensors"
+
+
+def is_artifact(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, META_NAME))
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def export(config, workdir):
+  """job=export: the newest checkpoint's generator -> an artifact folder; returns its path."""
+  import jax
+  from fgm_jax import config_checks
+  from fgm_jax import models
+  from fgm_jax.convert import common
+  from fgm_jax.evaluation import evaluate
+
+  model_config = config.teacher.model
+  if models.example_cond(model_config, 1) is not None:
+    raise config_checks.ConfigError(
+        f"config.job='export' writes unconditional one-step generators (MLP / U-Net); "
+        f"model.name={model_config.name!r} needs conditioning, whose export is not built yet.")
+  trainer, state = evaluate.restore_latest(config, workdir)
+  e = config.export
+  params = state.gen_ema_params if e.use_ema else state.gen_params
+  out = e.output or os.path.join(workdir, "generator")
+  flat = {"/".join(path): np.asarray(x)
+          for path, x in common.flatten(jax.device_get(params)).items()}
+  meta = {
+      "format": FORMAT,
+      "model": model_config.to_dict(),
+      "t_star": float(config.fgm.t_star),
+      "example_shape": list(trainer.shape),
+      "use_ema": bool(e.use_ema),
+      "step": int(state.step),
+      "parameters": int(sum(x.size for x in flat.values())),
+      "teacher": _trained_teacher(config, workdir),
+      "fgm": config.fgm.to_dict(),
+      "metrics": _run_metrics(workdir, config.eval.output),
+      "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "source_workdir": os.path.abspath(workdir),
+  }
+  if jax.process_index() == 0:
+    _write(out, flat, meta)
+  print(f"wrote {out}: one-step generator, step {meta['step']}, "
+        f"{meta['parameters']:,} parameters ({'EMA' if e.use_ema else 'raw'} weights)")
+  return out
+
+
+def _trained_teacher(config, workdir):
+  """The teacher the run was distilled from, as the run recorded it (its config.json): the
+  command-line config may name another place (the pipeline sets it per workdir)."""
+  teacher = config.teacher.to_dict()
+  saved = os.path.join(workdir, "config.json")
+  if os.path.isfile(saved):
+    with open(saved) as f:
+      teacher = json.load(f).get("config", {}).get("teacher", teacher)
+  return {"workdir": teacher.get("workdir"), "num_steps": teacher.get("num_steps"),
+          "data": teacher.get("data")}
+
+
+def _run_metrics(workdir, eval_name):
+  """The run's evaluation, if any: job=evaluate's file in the workdir, or the pipeline's one
+  level up (<pipeline workdir>/eval.json beside <pipeline workdir>/fgm)."""
+  for path in (os.path.join(workdir, eval_name),
+               os.path.join(os.path.dirname(os.path.abspath(workdir)), "eval.json")):
+    if os.path.isfile(path):
+      with open(path) as f:
+        found = json.load(f)
+      return {"file": os.path.abspath(path), "metrics": found.get("metrics", found)}
+  return None
+
+
+def _write(out, flat, meta):
+  import safetensors.numpy
+  os.makedirs(out, exist_ok=True)
+  # Written under temporary names and renamed, so a crash never leaves half an artifact
+  # that looks complete (the metadata file, which marks an artifact, is renamed last).
+  tmp_weights = os.path.join(out, WEIGHTS_NAME + ".tmp")
+  safetensors.numpy.save_file(flat, tmp_weights, metadata={"format": FORMAT})
+  os.replace(tmp_weights, os.path.join(out, WEIGHTS_NAME))
+  with open(os.path.join(out, "README.md"), "w") as f:
+    f.write(_readme(meta))
+  tmp_meta = os.path.join(out, META_NAME + ".tmp")
+  with open(tmp_meta, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(tmp_meta, os.path.join(out, META_NAME))
+
+
+def _readme(meta) -> str:
+  metrics = meta["metrics"]
+  lines = [
+      "# FGM one-step generator", "",
+      f"Exported {meta['exported']} from `{meta['source_workdir']}` at step {meta['step']} "
+      f"({'EMA' if meta['use_ema'] else 'raw'} weights). Model: {meta['model']['name']}, "
+      f"{meta['parameters']:,} parameters; samples of shape {tuple(meta['example_shape'])}; "
+      f"t* = {meta['t_star']}.", "",
+      f"Teacher: `{meta['teacher']['workdir']}` ({meta['teacher']['num_steps']} steps of flow "
+      f"matching on {meta['teacher']['data']['name']}). FGM: alpha {meta['fgm']['alpha']}, "
+      f"weighting {meta['fgm']['weighting']}.", "",
+      ("Metrics (from " + metrics["file"] + "):\n\n```\n"
+       + json.dumps(metrics["metrics"], indent=2, sort_keys=True) + "\n```"
+       if metrics else "Not evaluated before export."), "",
+      "## Use", "", "```python", "import fgm_jax",
+      "gen = fgm_jax.load_generator('<this folder>')",
+      "x = gen.sample(1000, seed=0)   # numpy, shape (1000, *gen.shape)", "```", "",
+      "or from the command line (any config of the same model):", "",
+      "```", "python -m fgm_jax.main --config=<config> --config.job=sample "
+      "--workdir=<this folder>", "```", "",
+  ]
+  return "\n".join(lines)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+  """A loaded one-step generator: ``gen(z)`` maps noise of ``(n, *gen.shape)`` to samples."""
+  apply: Callable  # jitted z -> x
+  shape: Tuple[int, ...]
+  meta: Dict[str, Any]
+
+  def __call__(self, z):
+    return self.apply(z)
+
+  def sample(self, n: int, seed: int = 0, chunk: int = 4096) -> np.ndarray:
+    """n samples from the noise of ``seed`` (the same noise a run's sample job draws)."""
+    from fgm_jax.train import sampling
+    return sampling.draw(self.apply, sampling.noise(n, self.shape, seed), chunk)
+
+
+def load_generator(path: str) -> Generator:
+  """Reads an artifact folder written by job=export; clear errors for anything else."""
+  import functools
+
+  import jax
+  import ml_collections
+  import safetensors.numpy
+
+  from fgm_jax import models
+  from fgm_jax.convert import common
+  from fgm_jax.train import steps
+
+  meta_path = os.path.join(path, META_NAME)
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(
+        f"{path} is not an exported generator (no {META_NAME}); write one with "
+        "--config.job=export --workdir=<distill run>.")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+  flat = safetensors.numpy.load_file(os.path.join(path, WEIGHTS_NAME))
+  params = common.unflatten({tuple(k.split("/")): v for k, v in flat.items()})
+  model = models.build(ml_collections.ConfigDict(_tuples(meta["model"])))
+  fn = jax.jit(functools.partial(steps.generate, model, t_star=meta["t_star"]))
+  return Generator(apply=functools.partial(fn, params), shape=tuple(meta["example_shape"]),
+                   meta=meta)
+
+
+def _tuples(obj):
+  """JSON turned the config's tuples into lists; models expect tuples back."""
+  if isinstance(obj, dict):
+    return {k: _tuples(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return tuple(_tuples(v) for v in obj)
+  return obj
