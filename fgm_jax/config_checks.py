@@ -14,7 +14,7 @@ from fgm_jax import flow
 from fgm_jax import models
 from fgm_jax import parallel
 
-JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export")
+JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export", "prompt_cache")
 # The jobs of a distillation config that read the teacher's checkpoint. Sampling and exporting
 # a distilled generator need only its own run: the teacher may have been moved or deleted.
 TEACHER_JOBS = ("distill", "evaluate")
@@ -99,6 +99,8 @@ def _check_teacher_checkpoint(teacher):
 def validate(config, device_count=None):
   """Raises ConfigError for the first unusable value. Cheap: no model is built."""
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
+  if config.job == "prompt_cache":
+    return _check_prompt_cache(config)
   if is_distill(config):
     _check_model_and_data(config.teacher.model, config.teacher.data, "config.teacher")
     _check_fgm(config.fgm)
@@ -122,6 +124,25 @@ def validate(config, device_count=None):
            f"{sorted(flow.SAMPLERS)}.")
   _require(config.checkpoint.every >= 1,
            f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
+
+
+def _check_prompt_cache(config):
+  """A prompt-cache run (configs/sd3_prompts.py): an SD3 folder, a prompt file, sizes."""
+  _require(bool(config.sd3.folder), "config.sd3.folder is not set; point it at a local SD3 "
+           "diffusers folder, e.g. --config.sd3.folder=stable-diffusion-3-medium-diffusers.")
+  _require(bool(config.prompts), "config.prompts is not set; give a prompt file (one prompt "
+           "per line, or JSONL with a 'prompt' field): --config.prompts=prompts.txt.")
+  _require(config.sd3.dtype in ("float32", "bfloat16"),
+           f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
+  _require(config.sd3.t5_length >= 1, f"config.sd3.t5_length={config.sd3.t5_length} must be "
+           ">= 1 (256 as diffusers; 77 as several peers truncate).")
+  _require(config.shard_size >= 1, f"config.shard_size={config.shard_size} must be >= 1.")
+  try:
+    parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                        jax.device_count())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check_batch(config.batch_size, _batch_devices(config))
 
 
 def _batch_devices(config):

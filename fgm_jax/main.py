@@ -35,6 +35,7 @@ RUNS = {
     "sample": "fgm_jax.evaluation.evaluate:sample",
     "evaluate": "fgm_jax.evaluation.evaluate:evaluate",
     "export": "fgm_jax.export:export",
+    "prompt_cache": "fgm_jax.sd3.prompt_cache:write",
 }
 
 
@@ -63,11 +64,13 @@ def main(argv):
     jax.distributed.initialize()
   from fgm_jax import config_checks
   from fgm_jax import workdir_lock
+  from fgm_jax.convert import common as convert_common
   try:
     run(_CONFIG.value, _WORKDIR.value)
-  except (config_checks.ConfigError, FileNotFoundError, workdir_lock.WorkdirLockedError) as e:
-    # A user error (bad config value, missing checkpoint, dataset or weights file, a workdir
-    # another run writes to), not a bug:
+  except (config_checks.ConfigError, FileNotFoundError, workdir_lock.WorkdirLockedError,
+          convert_common.ConversionError) as e:
+    # A user error (bad config value, missing checkpoint, dataset or weights file, a weight
+    # file of the wrong architecture or shapes, a workdir another run writes to), not a bug:
     # one clear message, no traceback. CheckpointNotFoundError and the data sources'
     # DatasetNotFoundError are FileNotFoundErrors. Printed once (absl's log also goes to
     # stderr, so logging it as well would show it twice).

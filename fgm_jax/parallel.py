@@ -60,6 +60,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
                        devices=devices)
 
 
+def fsdp_rules(replicated: Sequence[str]):
+  """Logical rules of a transformer under FSDP: the batch over every data-parallel device,
+  the hidden width 'embed' over 'fsdp', every other named axis replicated."""
+  return (("batch", BATCH_AXES), ("embed", "fsdp")) + tuple((n, None) for n in replicated)
+
+
+TENSOR_SPLIT = ("heads", "mlp", "act_heads", "act_mlp")
+
+
+def tensor_parallel_rules(rules):
+  """The same rules plus Megatron-style splits of heads and MLP (and their activations)
+  over 'tensor', for a ('data', 'fsdp', 'tensor') mesh."""
+  return tuple((n, "tensor") if n in TENSOR_SPLIT else (n, a) for n, a in rules)
+
+
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
   return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
 

@@ -8,7 +8,10 @@ A diffusers model folder (e.g. ``stable-diffusion-3-medium-diffusers/transformer
     diffusion_pytorch_model.safetensors.index.json      {"weight_map": {name: shard file}}
 
 Only safetensors is read: pickled ``.bin`` checkpoints can run code when loaded, so we
-refuse them and say how to convert. No torch or diffusers import is needed here.
+refuse them and say how to convert. No torch or diffusers import is needed here. Missing
+folders, configs and weights raise ``FolderError`` (both a ``FileNotFoundError`` and a
+``common.ConversionError``). The readers take the weight/index file names as arguments so
+``fgm_jax.convert.transformers_folder`` (``model.safetensors``) shares them.
 
 ``load_params`` / ``save_params`` dispatch on ``kind`` to a key-mapping module
 (``fgm_jax.convert.<kind>_keys``) that provides
@@ -24,6 +27,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from fgm_jax.convert import common
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -35,27 +40,51 @@ KINDS = {
 }
 
 
+class FolderError(common.ConversionError, FileNotFoundError):
+  """A model folder, its config.json or its weights are missing or unreadable.
+
+  Both a ConversionError (one type to catch for any bad checkpoint) and a
+  FileNotFoundError (what callers of ``read_folder`` have always caught).
+  """
+
+
 # ----------------------------------------------------------------------------- reading
 
 
-def read_folder(folder: str, variant: Optional[str] = None
+def read_folder(folder: str, variant: Optional[str] = None,
+                weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME
                 ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   """Returns (config dict, {torch name: numpy array}) of a diffusers model folder.
 
-  ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``.
+  ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``. The file names are
+  parameters so transformers folders (``model.safetensors``) share this reader.
   """
   folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"Model folder {folder!r} does not exist.")
+  check_folder(folder)
   config = read_config(folder)
-  files = _weight_files(folder, variant)
+  return config, read_weights(folder, variant, weights_name, index_name)
+
+
+def check_folder(folder: str) -> None:
+  """Raises FolderError unless ``folder`` is a directory."""
+  if not os.path.isdir(os.fspath(folder)):
+    raise FolderError(f"Model folder {os.fspath(folder)!r} does not exist.")
+
+
+def read_weights(folder: str, variant: Optional[str] = None,
+                 weights_name: str = WEIGHTS_NAME, index_name: str = INDEX_NAME
+                 ) -> Dict[str, np.ndarray]:
+  """{torch name: numpy array} from a folder's single safetensors file or its shards."""
+  folder = os.fspath(folder)
+  check_folder(folder)
   state: Dict[str, np.ndarray] = {}
-  for path in files:
+  for path in _weight_files(folder, variant, weights_name, index_name):
     for name, array in _load_safetensors(path).items():
       if name in state:
-        raise ValueError(f"Tensor {name!r} appears in more than one file of {folder!r}.")
+        raise common.ConversionError(
+            f"Tensor {name!r} appears in more than one file of {folder!r}.")
       state[name] = array
-  return config, state
+  return state
 
 
 def read_config(folder: str) -> Dict[str, Any]:
@@ -68,7 +97,7 @@ def read_config(folder: str) -> Dict[str, Any]:
                     if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
       hint = (f" This looks like a pipeline folder; pass one of its model subfolders "
               f"instead, e.g. {[os.path.join(folder, d) for d in subs]}.")
-    raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}.{hint}")
+    raise FolderError(f"No {CONFIG_NAME} in {folder!r}.{hint}")
   with open(path) as f:
     return json.load(f)
 
@@ -81,19 +110,20 @@ def _variant_name(name: str, variant: Optional[str]) -> str:
   return f"{stem}.{variant}.{ext}"
 
 
-def _weight_files(folder: str, variant: Optional[str]):
-  index = os.path.join(folder, _variant_name(INDEX_NAME, variant))
+def _weight_files(folder: str, variant: Optional[str], weights_name: str = WEIGHTS_NAME,
+                  index_name: str = INDEX_NAME):
+  index = os.path.join(folder, _variant_name(index_name, variant))
   if os.path.isfile(index):
     with open(index) as f:
       weight_map = json.load(f).get("weight_map")
     if not weight_map:
-      raise ValueError(f"{index!r} has no 'weight_map'.")
+      raise common.ConversionError(f"{index!r} has no 'weight_map'.")
     files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
     absent = [f for f in files if not os.path.isfile(f)]
     if absent:
-      raise FileNotFoundError(f"{index!r} lists shard files that are missing: {absent}.")
+      raise FolderError(f"{index!r} lists shard files that are missing: {absent}.")
     return files
-  single = os.path.join(folder, _variant_name(WEIGHTS_NAME, variant))
+  single = os.path.join(folder, _variant_name(weights_name, variant))
   if os.path.isfile(single):
     return [single]
   # Any other safetensors (a hand-written single file) — but never mix variants.
@@ -101,14 +131,15 @@ def _weight_files(folder: str, variant: Optional[str]):
   if len(others) == 1 and not variant:
     return [os.path.join(folder, others[0])]
   pickles = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-  msg = f"No {_variant_name(WEIGHTS_NAME, variant)} (or shard index) in {folder!r}."
+  msg = f"No {_variant_name(weights_name, variant)} (or shard index) in {folder!r}."
   if others:
     msg += f" Found {others}; pick one with variant=..."
   if pickles:
     msg += (f" Found pickled weights {pickles}, which we do not load (unpickling can run "
-            "code). Re-save them as safetensors, e.g. with diffusers: "
+            "code). Re-save them as safetensors with the library that wrote them "
+            "(diffusers or transformers): "
             "model.save_pretrained(folder, safe_serialization=True).")
-  raise FileNotFoundError(msg)
+  raise FolderError(msg)
 
 
 def _load_safetensors(path: str) -> Dict[str, np.ndarray]:

@@ -52,44 +52,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgm_jax import parallel
+
 # Logical axis -> mesh axis (default: FSDP only, for a ('data', 'fsdp') mesh).
-LOGICAL_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("embed_in", None),
-    ("mlp", None),
-    ("heads", None),
-    ("mod", None),
-    ("context_in", None),
-    ("pooled_in", None),
-    ("freq", None),
-    ("conv_h", None),
-    ("conv_w", None),
-    ("conv_in", None),
-    ("patch_out", None),
-    ("pos", None),
-    ("kv", None),
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", None),
-    ("act_kv", None),
-    ("act_mlp", None),
-    ("act_mod", None),
-)
+LOGICAL_RULES = parallel.fsdp_rules(
+    ("embed_in", "mlp", "heads", "mod", "context_in", "pooled_in", "freq", "conv_h", "conv_w",
+     "conv_in", "patch_out", "pos", "kv", "length", "act_embed", "act_heads", "act_kv",
+     "act_mlp", "act_mod"))
 
 # For a ('data', 'fsdp', 'tensor') mesh: Megatron-style splits of the head and MLP axes on
 # top of FSDP over 'embed'. The adaLN projections stay FSDP-only: splitting their outputs
 # over 'tensor' and then slicing them into chunks gave wrong results on XLA:CPU (jax
 # 0.10.2) unless the modulation activations were pinned, so we do not rely on it.
-TENSOR_LOGICAL_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-) + tuple(r for r in LOGICAL_RULES
-          if r[0] not in ("batch", "embed", "mlp", "heads", "act_heads", "act_mlp"))
+TENSOR_LOGICAL_RULES = parallel.tensor_parallel_rules(LOGICAL_RULES)
 
 # diffusers' SD3Transformer2DModel defaults (config.json keys).
 DIFFUSERS_DEFAULTS = dict(

@@ -1,0 +1,192 @@
+"""job=prompt_cache: SD3 prompt embeddings for a prompt file, encoded on all devices, in shards.
+
+    python -m fgm_jax.main --config=configs/sd3_prompts.py --workdir=runs/prompts \\
+        --config.sd3.folder=<stable-diffusion-3-medium-diffusers> --config.prompts=prompts.txt
+
+Writes into --workdir
+
+    cache.json                    settings the embeddings depend on (encoders, T5 length, dtype,
+                                  the prompt file's hash), the shard size and the count
+    shard-00000.npz ...           per shard: context (bfloat16 bits as uint16), pooled (float32),
+                                  prompt (text), index (row in the prompt file)
+    uncond.npz                    the empty prompt's context / pooled (the CFG negative)
+
+A shard is written under a temporary name and renamed when complete, so a killed writer
+leaves no half shard; a restart skips the finished ones and gives the same files as an
+uninterrupted run. A workdir holding a cache made with other settings is refused.
+SD3 has no text mask, so every one of the 77 + t5_length positions is stored: print the size
+before writing; for large prompt sets encode on the fly instead (text.encode_ids is pure).
+"""
+
+import functools
+import hashlib
+import json
+import os
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+from absl import logging
+
+from fgm_jax import checkpoint
+from fgm_jax import config_checks
+from fgm_jax import parallel
+from fgm_jax.sd3 import text
+
+MANIFEST = "cache.json"
+UNCOND = "uncond.npz"
+FORMAT = "fgm_jax.sd3_prompt_cache/1"
+
+
+class PromptFileError(FileNotFoundError):
+  """A missing or empty prompt file."""
+
+
+def read_prompts(path: str):
+  """Prompts from a text file (one per line) or JSONL (a 'prompt' field per line)."""
+  if not path or not os.path.isfile(path):
+    raise PromptFileError(f"config.prompts={path!r}: no such prompt file; give a text file "
+                          "with one prompt per line, or JSONL with a 'prompt' field.")
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  if path.endswith(".jsonl"):
+    lines = [json.loads(line)["prompt"] for line in lines]
+  if not lines:
+    raise PromptFileError(f"config.prompts={path!r} holds no prompts.")
+  return lines
+
+
+def shard_name(k: int) -> str:
+  return f"shard-{k:05d}.npz"
+
+
+def bytes_per_prompt(encoders: text.TextEncoders) -> int:
+  """Stored bytes of one prompt: bf16 context of every position, fp32 pooled."""
+  length = encoders.clip_length + encoders.t5_length
+  pooled = (encoders.clip_l.module.projection_dim + encoders.clip_g.module.projection_dim)
+  return 2 * length * encoders.joint_dim + 4 * pooled
+
+
+def settings(config, encoders, prompts) -> dict:
+  digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+  return {"format": FORMAT, "folder": os.path.abspath(config.sd3.folder),
+          "dtype": config.sd3.dtype, "prompts_sha256": digest, "num_prompts": len(prompts),
+          "shard_size": int(config.shard_size), **encoders.settings()}
+
+
+def _check_workdir(workdir, wanted):
+  path = os.path.join(workdir, MANIFEST)
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)["settings"]
+  diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+  if diff:
+    raise config_checks.ConfigError(
+        f"--workdir={workdir} holds a prompt cache made with other settings ("
+        + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)
+        + "); use a new --workdir.")
+
+
+def read_manifest(cache_dir: str) -> dict:
+  with open(os.path.join(cache_dir, MANIFEST)) as f:
+    return json.load(f)
+
+
+def _encoder(encoders, mesh):
+  """Global-batch encoder: ids split over the batch axes, parameters by the encoders' rules."""
+  from fgm_jax.models import clip, t5
+  rules = tuple(dict.fromkeys(clip.LOGICAL_RULES + t5.LOGICAL_RULES))
+  ctx = parallel.ShardingContext(mesh, rules)
+  modules, params = text.modules_and_params(encoders)
+  abstract = tuple(None if m is None else
+                   (clip.abstract_variables(m) if isinstance(m, clip.CLIPTextModel)
+                    else t5.abstract_variables(m))["params"] for m in modules)
+  param_shardings = ctx.shardings(abstract)
+  params = jax.device_put(params, param_shardings)
+  fn = ctx.jit(functools.partial(text.encode_ids, modules, t5_length=encoders.t5_length,
+                                 joint_dim=encoders.joint_dim),
+               in_shardings=(param_shardings, ctx.batch()), out_shardings=ctx.batch())
+  return lambda ids: fn(params, ids)
+
+
+def _encode_all(encode, encoders, prompts, batch_size):
+  """(context bf16 bits, pooled fp32) numpy arrays for ``prompts``, in padded global batches."""
+  contexts, pooled = [], []
+  for i in range(0, len(prompts), batch_size):
+    chunk = list(prompts[i:i + batch_size])
+    real = len(chunk)
+    chunk += [""] * (batch_size - real)  # a fixed batch shape: one compilation
+    c, p = encode(text.tokenize(encoders, chunk))
+    if jax.process_count() > 1:  # every process gets the whole batch; process 0 writes it
+      from jax.experimental import multihost_utils
+      c, p = (multihost_utils.process_allgather(x, tiled=True) for x in (c, p))
+    contexts.append(np.asarray(c[:real]).astype(ml_dtypes.bfloat16).view(np.uint16))
+    pooled.append(np.asarray(p[:real], np.float32))
+  return np.concatenate(contexts), np.concatenate(pooled)
+
+
+def _save(path, **arrays):
+  tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def write(config, workdir, mesh=None):
+  """Encodes config.prompts into ``workdir``; resumes a killed run. Returns the manifest."""
+  prompts = read_prompts(config.prompts)
+  encoders = text.load(config.sd3.folder, t5_length=config.sd3.t5_length,
+                       dtype=config.sd3.dtype)
+  wanted = settings(config, encoders, prompts)
+  _check_workdir(workdir, wanted)
+  os.makedirs(workdir, exist_ok=True)
+  per_prompt = bytes_per_prompt(encoders)
+  print(f"prompt cache: {len(prompts):,} prompts x {per_prompt / 1e6:.2f} MB "
+        f"(77 + {encoders.t5_length} tokens x {encoders.joint_dim}, bf16) = "
+        f"{len(prompts) * per_prompt / 1e9:.2f} GB in {workdir}", flush=True)
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, MANIFEST),
+                          {"settings": wanted, "complete": False})
+  encode = _encoder(encoders, mesh or parallel.mesh_from_config(config.mesh))
+  size = int(config.shard_size)
+  num_shards = -(-len(prompts) // size)
+  start, done = time.time(), 0
+  for k in range(num_shards):
+    path = os.path.join(workdir, shard_name(k))
+    if os.path.isfile(path):
+      continue  # finished by an earlier run
+    rows = range(k * size, min(len(prompts), (k + 1) * size))
+    ctx, pooled = _encode_all(encode, encoders, [prompts[i] for i in rows], config.batch_size)
+    if jax.process_index() == 0:
+      _save(path, context=ctx, pooled=pooled, prompt=np.array([prompts[i] for i in rows]),
+            index=np.array(list(rows), np.int64))
+    done += len(rows)
+    rate = done / max(time.time() - start, 1e-9)
+    left = sum(len(range(j * size, min(len(prompts), (j + 1) * size)))
+               for j in range(k + 1, num_shards))
+    logging.info("prompt cache: shard %d/%d, %.1f prompts/s, ETA %.0f s", k + 1, num_shards,
+                 rate, left / max(rate, 1e-9))
+  uncond_ctx, uncond_pooled = _encode_all(encode, encoders, [""], config.batch_size)
+  if jax.process_index() == 0:
+    _save(os.path.join(workdir, UNCOND), context=uncond_ctx, pooled=uncond_pooled)
+    checkpoint.write_json(os.path.join(workdir, MANIFEST),
+                          {"settings": wanted, "complete": True, "num_shards": num_shards})
+  print(f"prompt cache complete: {num_shards} shards in {workdir}", flush=True)
+  return read_manifest(workdir)
+
+
+def load(cache_dir: str):
+  """(rows, uncond): {'context' (N, L, D) bfloat16, 'pooled' (N, P) float32} for every prompt
+  in file order, and the unconditional pair; for data.arrays.RowSource in conditional runs."""
+  manifest = read_manifest(cache_dir)
+  if not manifest.get("complete"):
+    raise FileNotFoundError(f"{cache_dir}: the prompt cache is not complete; rerun the "
+                            "prompt_cache job on it to finish it.")
+  parts = [np.load(os.path.join(cache_dir, shard_name(k)))
+           for k in range(manifest["num_shards"])]
+  rows = {"context": np.concatenate([p["context"] for p in parts]).view(ml_dtypes.bfloat16),
+          "pooled": np.concatenate([p["pooled"] for p in parts])}
+  u = np.load(os.path.join(cache_dir, UNCOND))
+  uncond = {"context": u["context"].view(ml_dtypes.bfloat16), "pooled": u["pooled"]}
+  return rows, uncond
