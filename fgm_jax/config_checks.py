@@ -49,12 +49,17 @@ def _check_model_and_data(model, data, field: str):
   _require(problem is None, f"{field}.{problem}")
 
 
-def _check_mesh(mesh, model):
-  """Axis sizes that fit the devices, and rules that name only mesh axes."""
+def _check_mesh_shape(mesh):
+  """Axis sizes that fit this machine's devices."""
   try:
     parallel.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, jax.device_count())
   except ValueError as e:
     raise ConfigError(f"{e} (there are {jax.device_count()} devices)") from None
+
+
+def _check_mesh(mesh, model):
+  """Axis sizes that fit the devices, and rules that name only mesh axes."""
+  _check_mesh_shape(mesh)
   for rule in parallel.rules_for(mesh, model):
     axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     _require(len(rule) == 2 and set(a for a in axes if a) <= set(parallel.MESH_AXES),
@@ -99,8 +104,8 @@ def _check_teacher_checkpoint(teacher):
 def validate(config, device_count=None):
   """Raises ConfigError for the first unusable value. Cheap: no model is built."""
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
-  if config.job == "prompt_cache":
-    return _check_prompt_cache(config)
+  if "sd3" in config:
+    return _check_sd3(config)
   if is_distill(config):
     _check_model_and_data(config.teacher.model, config.teacher.data, "config.teacher")
     _check_fgm(config.fgm)
@@ -126,8 +131,11 @@ def validate(config, device_count=None):
            f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
 
 
-def _check_prompt_cache(config):
-  """A prompt-cache run (configs/sd3_prompts.py): an SD3 folder, a prompt file, sizes."""
+def _check_sd3(config):
+  """SD3 folder runs (configs/sd3_prompts.py, configs/sd3_teacher.py): an SD3 folder, a
+  prompt file, sizes."""
+  _require(config.job in ("prompt_cache", "sample"),
+           f"config.job={config.job!r}: an SD3 folder config runs 'prompt_cache' or 'sample'.")
   _require(bool(config.sd3.folder), "config.sd3.folder is not set; point it at a local SD3 "
            "diffusers folder, e.g. --config.sd3.folder=stable-diffusion-3-medium-diffusers.")
   _require(bool(config.prompts), "config.prompts is not set; give a prompt file (one prompt "
@@ -136,13 +144,18 @@ def _check_prompt_cache(config):
            f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
   _require(config.sd3.t5_length >= 1, f"config.sd3.t5_length={config.sd3.t5_length} must be "
            ">= 1 (256 as diffusers; 77 as several peers truncate).")
-  _require(config.shard_size >= 1, f"config.shard_size={config.shard_size} must be >= 1.")
-  try:
-    parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                        jax.device_count())
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  _check_batch(config.batch_size, _batch_devices(config))
+  _check_mesh_shape(config.mesh)
+  if config.job == "prompt_cache":
+    _require(config.shard_size >= 1, f"config.shard_size={config.shard_size} must be >= 1.")
+    _check_batch(config.batch_size, _batch_devices(config))
+  if config.job == "sample":
+    s = config.sample
+    _require(s.steps >= 1 and s.batch_size >= 1 and s.num >= 0,
+             f"config.sample: steps={s.steps}, batch_size={s.batch_size} must be >= 1 and "
+             f"num={s.num} >= 0.")
+    _require(s.height % 16 == 0 and s.width % 16 == 0,
+             f"config.sample.height={s.height}, width={s.width} must be multiples of 16 "
+             "(the VAE's 8x downscale times the MM-DiT's 2x2 patches), e.g. 1024.")
 
 
 def _batch_devices(config):

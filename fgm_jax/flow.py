@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -84,16 +85,39 @@ def _times(ts_scalar, x):
   return jnp.full((x.shape[0],), ts_scalar, dtype=x.dtype)
 
 
-def euler_sample(velocity_fn: VelocityFn, noise, steps: int, shift: float = 1.0):
-  """Euler integration of dx/dt = v from t = 1 (noise) to t = 0 (data)."""
-  ts = time_grid(steps, shift)
+def euler_on_grid(velocity_fn: VelocityFn, noise, ts):
+  """Euler integration of dx/dt = v along the decreasing times ``ts`` (len = steps + 1)."""
+  ts = jnp.asarray(ts)
 
   def body(x, i):
     t, t_next = ts[i], ts[i + 1]
     return x + (t_next - t) * velocity_fn(x, _times(t, x)), None
 
-  x, _ = jax.lax.scan(body, noise, jnp.arange(steps))
+  x, _ = jax.lax.scan(body, noise, jnp.arange(ts.shape[0] - 1))
   return x
+
+
+def euler_sample(velocity_fn: VelocityFn, noise, steps: int, shift: float = 1.0):
+  """Euler integration of dx/dt = v from t = 1 (noise) to t = 0 (data)."""
+  return euler_on_grid(velocity_fn, noise, time_grid(steps, shift))
+
+
+def diffusers_flow_match_grid(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000):
+  """The times of diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(steps), float32.
+
+  Not our ``time_grid``: diffusers spaces the steps linearly between its largest and smallest
+  *shifted* training sigma (1 and shift(1/num_train_timesteps)), shifts that grid once more,
+  and appends 0. SD3's samplers use this, so matching it is what makes our teacher's
+  N-step samples equal diffusers'.
+  """
+  train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
+  train = train / np.float32(num_train_timesteps)
+  train = np.float32(shift) * train / (1 + (np.float32(shift) - 1) * train)
+  sigma_max, sigma_min = float(train[0]), float(train[-1])
+  sigmas = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps,
+                       steps) / num_train_timesteps
+  sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)
+  return np.concatenate([sigmas, np.zeros(1, np.float32)])
 
 
 def heun_sample(velocity_fn: VelocityFn, noise, steps: int, shift: float = 1.0):

@@ -43,7 +43,11 @@ def sample(config, workdir):
   """samples.npz (key 'x'): teacher with config.sample.steps, or the generator in one step.
 
   ``workdir`` is a run, or a folder written by job=export (then only config.sample is read).
+  An SD3 folder config (configs/sd3_teacher.py) samples text-to-image instead.
   """
+  if "sd3" in config:
+    from fgm_jax.sd3 import sampler
+    return sampler.run(config, workdir)
   s = config.sample
   start = time.time()
   if export.is_artifact(workdir):

@@ -83,6 +83,7 @@ def _load_encoder(folder: str, kind: str, dtype) -> Encoder:
 
 def load(folder: str, t5_length: int = DEFAULT_T5_LENGTH, dtype=jnp.float32) -> TextEncoders:
   """The text encoders and tokenizers of an SD3 folder; clear errors for missing parts."""
+  dtype = jnp.dtype(dtype)  # 'float32' / 'bfloat16' from a config, or a jnp type
   _require(folder, "a folder")
   for sub, what in ((CLIP_SUBFOLDERS[0], "CLIP-L"), (CLIP_SUBFOLDERS[1], "CLIP-G"),
                     (TOKENIZERS[0], "the CLIP-L tokenizer"),

@@ -1,0 +1,31 @@
+"""SD3 text-to-image teacher sampling in JAX, from a local SD3 diffusers folder.
+
+    python -m fgm_jax.main --config=configs/sd3_teacher.py --config.job=sample \\
+        --workdir=runs/sd3_samples --config.sd3.folder=stable-diffusion-3-medium-diffusers \\
+        --config.prompts=prompts.txt
+
+Writes <workdir>/images/<prompt index>_seed<seed>.png and <workdir>/grid.png. The sampler is
+diffusers' (Euler on FlowMatchEulerDiscreteScheduler's grid with the folder's shift, 3.0 for
+SD3, and classifier-free guidance; tests/test_sd3_sampler.py checks equality).
+Provenance: 28 steps and guidance 7.0 are diffusers' StableDiffusion3Pipeline defaults.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.job = "sample"
+  c.seed = 0
+  c.mesh = common.mesh()
+  c.sd3 = ml_collections.ConfigDict(dict(
+      folder=ml_collections.config_dict.placeholder(str),  # a local SD3 diffusers folder
+      t5_length=256,  # diffusers' max_sequence_length default
+      dtype="float32"))  # compute dtype; "bfloat16" on accelerators
+  c.prompts = ml_collections.config_dict.placeholder(str)  # .txt (one per line) or .jsonl
+  c.sample = ml_collections.ConfigDict(dict(
+      num=0,  # 0: every prompt of the file
+      steps=28, guidance=7.0, height=1024, width=1024, seed=0, batch_size=4))
+  return c

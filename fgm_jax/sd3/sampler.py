@@ -1,0 +1,133 @@
+"""SD3 text-to-image sampling in JAX from a local diffusers folder: the multi-step teacher.
+
+    prompts -> encode (text.py) -> Euler on diffusers' flow-match grid with SD3's shift and
+    classifier-free guidance -> VAE decode with SD3's scaling/shift factors -> images
+
+``sample_latents`` and ``decode`` are pure functions (jit and shard like everything else);
+with the same initial latents they give what ``StableDiffusion3Pipeline`` gives
+(tests/test_sd3_sampler.py). ``run`` is job=sample for an SD3 config (configs/sd3_teacher.py):
+PNGs named by prompt index and seed, plus a grid.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from fgm_jax import flow
+from fgm_jax.sd3 import text
+
+VAE_DOWNSCALE_PER_LEVEL = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SD3:
+  """The parts of an SD3 folder that sample: MM-DiT, VAE, text encoders, scheduler shift."""
+  mmdit: Any
+  mmdit_params: Any
+  vae: Any
+  vae_params: Any
+  encoders: text.TextEncoders
+  shift: float
+  num_train_timesteps: int
+
+  @property
+  def latent_downscale(self) -> int:
+    return VAE_DOWNSCALE_PER_LEVEL ** (len(self.vae.block_out_channels) - 1)
+
+
+def load(folder: str, t5_length: int = text.DEFAULT_T5_LENGTH, dtype=jnp.float32,
+         attention_impl: str = "xla") -> SD3:
+  from fgm_jax.convert import diffusers as dconv
+  from fgm_jax.models import mmdit, vae
+  dtype = jnp.dtype(dtype)
+  encoders = text.load(folder, t5_length=t5_length, dtype=dtype)  # checks the layout first
+  for sub in ("vae", "scheduler"):
+    text._require(os.path.join(folder, sub), f"{sub}/")
+  t_config, t_params = dconv.load_params(os.path.join(folder, "transformer"), "mmdit")
+  v_config, v_params = dconv.load_params(os.path.join(folder, "vae"), "vae")
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+    scheduler = json.load(f)
+  return SD3(mmdit=mmdit.from_diffusers_config(t_config, dtype=dtype,
+                                               attention_impl=attention_impl),
+             mmdit_params=t_params, vae=vae.from_config(v_config, dtype=dtype),
+             vae_params=v_params, encoders=encoders, shift=float(scheduler.get("shift", 1.0)),
+             num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)))
+
+
+def sample_latents(mmdit, params, noise, cond, null_cond, ts, guidance: float):
+  """Euler along ``ts`` with CFG: v = v(x, t, null) + w (v(x, t, cond) - v(x, t, null))."""
+  def velocity(x, t, c):
+    return mmdit.apply({"params": params}, x, t, c)
+  return flow.euler_on_grid(flow.guided(velocity, cond, null_cond, guidance), noise, ts)
+
+
+def decode(vae_module, vae_variables, latents):
+  """Diffusion latents -> images in [0, 1] (NHWC), as diffusers' output_type='np'.
+
+  ``vae_variables``: {'params': ...} as convert.diffusers.load_params gives them for a VAE.
+  """
+  from fgm_jax.models import vae
+  images = vae.images_from_latents(vae_module, vae_variables, latents)
+  return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def initial_noise(seed: int, index: int, shape) -> np.ndarray:
+  """The starting latents of prompt ``index`` for ``seed``: reproducible per image, whatever
+  the batch it lands in."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+  return np.asarray(jax.random.normal(key, tuple(shape), jnp.float32))
+
+
+def _sampler(sd3: SD3, steps: int, guidance: float):
+  ts = flow.diffusers_flow_match_grid(steps, sd3.shift, sd3.num_train_timesteps)
+
+  @jax.jit
+  def fn(mmdit_params, vae_params, noise, cond, null_cond):
+    latents = sample_latents(sd3.mmdit, mmdit_params, noise, cond, null_cond, ts, guidance)
+    return latents, decode(sd3.vae, vae_params, latents)
+  return fn
+
+
+def run(config, workdir):
+  """job=sample for an SD3 config: <workdir>/images/<index>_seed<seed>.png and grid.png."""
+  from fgm_jax.evaluation import plots
+  from fgm_jax.sd3 import prompt_cache
+  s = config.sample
+  prompts = prompt_cache.read_prompts(config.prompts)[:s.num or None]
+  sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
+  down = sd3.latent_downscale
+  shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
+  fn = _sampler(sd3, s.steps, s.guidance)
+  null = text.encode_prompt(sd3.encoders, [""])
+  out_dir = os.path.join(workdir, "images")
+  os.makedirs(out_dir, exist_ok=True)
+  start, images = time.time(), []
+  for i in range(0, len(prompts), s.batch_size):
+    batch = prompts[i:i + s.batch_size]
+    context, pooled = text.encode_prompt(sd3.encoders, batch)
+    n = len(batch)
+    noise = np.stack([initial_noise(s.seed, i + j, shape) for j in range(n)])
+    null_cond = {"context": np.repeat(null[0], n, 0), "pooled": np.repeat(null[1], n, 0)}
+    _, x = fn(sd3.mmdit_params, sd3.vae_params, noise,
+              {"context": context, "pooled": pooled}, null_cond)
+    x = np.asarray(x)
+    for j in range(n):
+      plots.save_png(os.path.join(out_dir, f"{i + j:05d}_seed{s.seed}.png"),
+                     (x[j] * 255).round().astype(np.uint8))
+    images.append(x)
+    done = i + n
+    rate = done / (time.time() - start)
+    logging.info("sd3 sample: %d/%d images, %.2f images/s, ETA %.0f s", done, len(prompts),
+                 rate, (len(prompts) - done) / rate)
+  grid = plots.image_grid(np.concatenate(images)[:64] * 2 - 1)
+  plots.save_png(os.path.join(workdir, "grid.png"), grid)
+  print(f"wrote {len(prompts)} images to {out_dir} and {os.path.join(workdir, 'grid.png')}")
+  return out_dir

@@ -1,0 +1,81 @@
+"""The JAX SD3 teacher sampler equals diffusers' StableDiffusion3Pipeline: same initial
+latents, 4 Euler steps with CFG and SD3's shift, then the VAE decode."""
+
+import os
+
+import numpy as np
+import pytest
+
+from fgm_jax import config_checks
+from fgm_jax import flow
+from fgm_jax.sd3 import sampler
+from fgm_jax.sd3 import text
+from tests import sd3_reference as ref
+
+torch = pytest.importorskip("torch")
+STEPS, GUIDANCE, T5_LENGTH = 4, 4.5, 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("sd3") / "sd3")
+  pipe = ref.build_pipeline(folder)
+  return folder, pipe, sampler.load(folder, t5_length=T5_LENGTH)
+
+
+def test_time_grid_is_the_schedulers(setup):
+  _, pipe, sd3 = setup
+  for steps in (1, 4, 28):
+    pipe.scheduler.set_timesteps(steps)
+    got = flow.diffusers_flow_match_grid(steps, sd3.shift)
+    np.testing.assert_array_equal(got, pipe.scheduler.sigmas.numpy())
+
+
+def test_latents_and_images_match_diffusers(setup):
+  folder, pipe, sd3 = setup
+  prompts = ref.PROMPT_TEXTS[:2] + [""]
+  shape = (8, 8, sd3.mmdit.in_channels)
+  noise = np.stack([sampler.initial_noise(0, i, shape) for i in range(len(prompts))])
+  context, pooled = text.encode_prompt(sd3.encoders, prompts)
+  null_ctx, null_pooled = text.encode_prompt(sd3.encoders, [""])
+  n = len(prompts)
+  fn = sampler._sampler(sd3, STEPS, GUIDANCE)
+  latents, images = fn(sd3.mmdit_params, sd3.vae_params, noise,
+                       {"context": context, "pooled": pooled},
+                       {"context": np.repeat(null_ctx, n, 0), "pooled": np.repeat(null_pooled, n, 0)})
+  kwargs = dict(prompt=prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                height=16, width=16, max_sequence_length=T5_LENGTH,
+                latents=torch.from_numpy(noise).permute(0, 3, 1, 2))
+  with torch.no_grad():
+    want_latents = pipe(output_type="latent", **kwargs).images.permute(0, 2, 3, 1).numpy()
+    want_images = pipe(output_type="np", **kwargs).images
+  assert ref.max_rel_err(latents, want_latents) <= 1e-4
+  assert images.shape == want_images.shape == (n, 16, 16, 3)
+  assert ref.max_rel_err(images, want_images) <= 1e-4
+  # Guidance matters here: without it the latents differ (the test would notice a CFG bug).
+  assert ref.max_rel_err(np.asarray(latents), noise) > 1e-2
+
+
+def test_sample_job_writes_named_images_and_a_grid(setup, tmp_path):
+  from configs import sd3_teacher
+  from fgm_jax import main as main_lib
+  folder, _, _ = setup
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a photo of a cat\na red car\nthe lazy dog\n")
+  c = sd3_teacher.get_config()
+  c.sd3.folder, c.prompts, c.sd3.t5_length = folder, str(prompts), T5_LENGTH
+  c.sample.steps, c.sample.height, c.sample.width, c.sample.batch_size = 2, 16, 16, 2
+  main_lib.run(c, str(tmp_path / "out"))
+  names = sorted(os.listdir(tmp_path / "out" / "images"))
+  assert names == ["00000_seed0.png", "00001_seed0.png", "00002_seed0.png"]
+  assert (tmp_path / "out" / "grid.png").stat().st_size > 100
+  # Seeds are per image: the same prompt index and seed give the same file in any batch.
+  c.sample.batch_size = 3
+  main_lib.run(c, str(tmp_path / "again"))
+  for name in names:
+    a = (tmp_path / "out" / "images" / name).read_bytes()
+    b = (tmp_path / "again" / "images" / name).read_bytes()
+    assert a == b, name
+  c.sample.height = 20
+  with pytest.raises(config_checks.ConfigError, match="multiples of 16"):
+    main_lib.run(c, str(tmp_path / "bad"))
