@@ -140,3 +140,67 @@ def test_bad_inputs_stop_with_one_clear_error(setup, tmp_path):
   c.sd3.folder = None
   with pytest.raises(config_checks.ConfigError, match="config.sd3.folder is not set"):
     main_lib.run(c, str(tmp_path / "d"))
+
+
+def _finished_shards(cache_dir):
+  if not os.path.isdir(cache_dir):
+    return 0
+  return sum(n.startswith("shard-") and not n.endswith(".tmp.npz") for n in os.listdir(cache_dir))
+
+
+def _cli(config, workdir):
+  import subprocess
+  import sys
+  from tests import helpers
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")  # the in-process mesh
+  args = [sys.executable, "-m", "fgm_jax.main", "--config=configs/sd3_prompts.py",
+          f"--workdir={workdir}", f"--config.sd3.folder={config.sd3.folder}",
+          f"--config.prompts={config.prompts}", f"--config.shard_size={config.shard_size}",
+          f"--config.batch_size={config.batch_size}",
+          f"--config.sd3.t5_length={config.sd3.t5_length}"]
+  return subprocess.Popen(args, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_writer_killed_mid_run_resumes_to_the_same_shards(setup, tmp_path):
+  """A real SIGKILL of the command-line writer once some shards exist; the rerun finishes
+  with files identical to an uninterrupted run."""
+  import signal
+  import time
+  config, _, _, _ = setup
+  c = config.copy_and_resolve_references()
+  prompts = [f"a photo of {n} cats and a dog" for n in range(40)]
+  (tmp_path / "many.txt").write_text("\n".join(prompts) + "\n")
+  c.prompts, c.shard_size = str(tmp_path / "many.txt"), 1
+  uninterrupted = str(tmp_path / "uninterrupted")
+  main_lib.run(c, uninterrupted)
+  killed = str(tmp_path / "killed")
+  proc = _cli(c, killed)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      if _finished_shards(killed) >= 1:
+        proc.send_signal(signal.SIGKILL)
+        break
+      assert proc.poll() is None, proc.stderr.read()[-2000:]
+      time.sleep(0.01)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert 1 <= _finished_shards(killed) < len(prompts)
+  assert not prompt_cache.read_manifest(killed)["complete"]
+  main_lib.run(c, killed)
+  _assert_same_files(_files(uninterrupted), _files(killed))
+
+
+def test_empty_prompt_file_is_one_line_on_the_command_line(setup, tmp_path):
+  config, _, _, _ = setup
+  c = config.copy_and_resolve_references()
+  (tmp_path / "empty.txt").write_text("\n")
+  c.prompts = str(tmp_path / "empty.txt")
+  proc = _cli(c, str(tmp_path / "out"))
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err[-2000:]
+  assert "error: config.prompts=" in err and "holds no prompts" in err
+  assert "Traceback" not in err

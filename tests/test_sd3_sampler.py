@@ -79,3 +79,31 @@ def test_sample_job_writes_named_images_and_a_grid(setup, tmp_path):
   c.sample.height = 20
   with pytest.raises(config_checks.ConfigError, match="multiples of 16"):
     main_lib.run(c, str(tmp_path / "bad"))
+
+
+def test_sample_job_reads_a_prompt_cache(setup, tmp_path):
+  """config.prompts may name a prompt cache: the same images as from the prompt file, since
+  the cache holds the same embeddings (bf16-rounded context: images within a few levels)."""
+  from configs import sd3_prompts, sd3_teacher
+  from fgm_jax import main as main_lib
+  from PIL import Image
+  folder, _, _ = setup
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a photo of a cat\na red car\n")
+  cache = sd3_prompts.get_config()
+  cache.sd3.folder, cache.prompts, cache.sd3.t5_length = folder, str(prompts), T5_LENGTH
+  cache.batch_size = 8
+  main_lib.run(cache, str(tmp_path / "cache"))
+  c = sd3_teacher.get_config()
+  c.sd3.folder, c.sd3.t5_length = folder, T5_LENGTH
+  c.sample.steps, c.sample.height, c.sample.width = 2, 16, 16
+  for name, source in (("from_file", str(prompts)), ("from_cache", str(tmp_path / "cache"))):
+    c.prompts = source
+    main_lib.run(c, str(tmp_path / name))
+  for k in range(2):
+    a, b = (np.asarray(Image.open(tmp_path / d / "images" / f"{k:05d}_seed0.png"), np.int32)
+            for d in ("from_file", "from_cache"))
+    assert np.abs(a - b).max() <= 3
+  c.sd3.t5_length = 77  # a cache of other settings is refused
+  with pytest.raises(config_checks.ConfigError, match="t5_length: 32 there, 77 here"):
+    main_lib.run(c, str(tmp_path / "wrong"))

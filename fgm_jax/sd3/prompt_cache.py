@@ -90,8 +90,39 @@ def _check_workdir(workdir, wanted):
 
 
 def read_manifest(cache_dir: str) -> dict:
-  with open(os.path.join(cache_dir, MANIFEST)) as f:
+  path = os.path.join(cache_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{cache_dir} is not a prompt cache (no {MANIFEST}); write one with "
+                            "--config=configs/sd3_prompts.py.")
+  with open(path) as f:
     return json.load(f)
+
+
+def is_cache(path: str) -> bool:
+  return bool(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def require_settings(cache_dir: str, encoders: text.TextEncoders):
+  """Stops when a cache was made with other encoder settings than ``encoders`` (T5 length,
+  context width, with or without T5): its embeddings would not be what the model expects."""
+  saved = read_manifest(cache_dir)["settings"]
+  wanted = encoders.settings()
+  diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+  if diff:
+    raise config_checks.ConfigError(
+        f"the prompt cache {cache_dir} was made with other settings ("
+        + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} here" for k in diff)
+        + "); rebuild it with these settings or point config.prompts at a matching cache.")
+
+
+def texts(cache_dir: str):
+  """The prompts of a complete cache, in file order."""
+  manifest = read_manifest(cache_dir)
+  out = []
+  for k in range(manifest["num_shards"]):
+    with np.load(os.path.join(cache_dir, shard_name(k))) as z:
+      out += [str(p) for p in z["prompt"]]
+  return out
 
 
 def _encoder(encoders, mesh):

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -86,44 +87,81 @@ def initial_noise(seed: int, index: int, shape) -> np.ndarray:
   return np.asarray(jax.random.normal(key, tuple(shape), jnp.float32))
 
 
-def _sampler(sd3: SD3, steps: int, guidance: float):
+def _sampler(sd3: SD3, steps: int, guidance: float, sharding=None):
+  """jit(params, vae params, noise, cond, null cond) -> (latents, images); with a
+  parallel.ShardingContext the batch is split over its devices and the MM-DiT by its rules."""
   ts = flow.diffusers_flow_match_grid(steps, sd3.shift, sd3.num_train_timesteps)
 
-  @jax.jit
   def fn(mmdit_params, vae_params, noise, cond, null_cond):
     latents = sample_latents(sd3.mmdit, mmdit_params, noise, cond, null_cond, ts, guidance)
     return latents, decode(sd3.vae, vae_params, latents)
-  return fn
+  if sharding is None:
+    return jax.jit(fn)
+  return sharding.jit(fn, in_shardings=(sd3_shardings(sd3, sharding) + (sharding.batch(),) * 3),
+                      out_shardings=sharding.batch())
 
 
-def run(config, workdir):
-  """job=sample for an SD3 config: <workdir>/images/<index>_seed<seed>.png and grid.png."""
-  from fgm_jax.evaluation import plots
+def sd3_shardings(sd3: SD3, sharding):
+  """(MM-DiT, VAE) parameter shardings: logical names for the MM-DiT, shapes for the VAE."""
+  from fgm_jax.models import mmdit
+  boxed = mmdit.abstract_variables(sd3.mmdit, height=2 * sd3.mmdit.patch_size,
+                                   width=2 * sd3.mmdit.patch_size)["params"]
+  return sharding.shardings(boxed), sharding.shardings(sd3.vae_params)
+
+
+def _conditioning(config, sd3):
+  """(prompt texts, encode(indices) -> (context, pooled), null pair) from a prompt file, or
+  from a prompt cache (config.prompts naming a cache folder: no text encoder runs)."""
   from fgm_jax.sd3 import prompt_cache
+  if prompt_cache.is_cache(config.prompts):
+    prompt_cache.require_settings(config.prompts, sd3.encoders)
+    rows, uncond = prompt_cache.load(config.prompts)
+    as_f32 = lambda d, idx=slice(None): (np.asarray(d["context"][idx], np.float32),
+                                         np.asarray(d["pooled"][idx], np.float32))
+    return (prompt_cache.texts(config.prompts), lambda idx: as_f32(rows, idx), as_f32(uncond))
+  prompts = prompt_cache.read_prompts(config.prompts)
+  return (prompts, lambda idx: text.encode_prompt(sd3.encoders, [prompts[i] for i in idx]),
+          text.encode_prompt(sd3.encoders, [""]))
+
+
+def run(config, workdir, mesh=None):
+  """job=sample for an SD3 config: <workdir>/images/<index>_seed<seed>.png and grid.png.
+
+  Prompts come from a file (encoded here) or a prompt cache; each batch is padded to a
+  multiple of the data-parallel devices and split over them.
+  """
+  from fgm_jax import parallel
+  from fgm_jax.evaluation import plots
   s = config.sample
-  prompts = prompt_cache.read_prompts(config.prompts)[:s.num or None]
   sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
+  prompts, encode, null = _conditioning(config, sd3)
+  prompts = prompts[:s.num or None]
+  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
+  sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model))
+  multiple = parallel.batch_device_count(mesh)
   down = sd3.latent_downscale
   shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
-  fn = _sampler(sd3, s.steps, s.guidance)
-  null = text.encode_prompt(sd3.encoders, [""])
+  fn = _sampler(sd3, s.steps, s.guidance, sharding)
   out_dir = os.path.join(workdir, "images")
   os.makedirs(out_dir, exist_ok=True)
   start, images = time.time(), []
   for i in range(0, len(prompts), s.batch_size):
-    batch = prompts[i:i + s.batch_size]
-    context, pooled = text.encode_prompt(sd3.encoders, batch)
-    n = len(batch)
-    noise = np.stack([initial_noise(s.seed, i + j, shape) for j in range(n)])
-    null_cond = {"context": np.repeat(null[0], n, 0), "pooled": np.repeat(null[1], n, 0)}
+    idx = list(range(i, min(len(prompts), i + s.batch_size)))
+    n = len(idx)
+    padded = idx + [idx[-1]] * ((-n) % multiple)  # repeat the last row; trimmed below
+    context, pooled = encode(padded)
+    noise = np.stack([initial_noise(s.seed, j, shape) for j in padded])
+    null_cond = {"context": np.repeat(null[0], len(padded), 0),
+                 "pooled": np.repeat(null[1], len(padded), 0)}
     _, x = fn(sd3.mmdit_params, sd3.vae_params, noise,
               {"context": context, "pooled": pooled}, null_cond)
-    x = np.asarray(x)
-    for j in range(n):
-      plots.save_png(os.path.join(out_dir, f"{i + j:05d}_seed{s.seed}.png"),
+    x = np.asarray(x)[:n]
+    for j, k in enumerate(idx):
+      plots.save_png(os.path.join(out_dir, f"{k:05d}_seed{s.seed}.png"),
                      (x[j] * 255).round().astype(np.uint8))
     images.append(x)
-    done = i + n
+    done = idx[-1] + 1
     rate = done / (time.time() - start)
     logging.info("sd3 sample: %d/%d images, %.2f images/s, ETA %.0f s", done, len(prompts),
                  rate, (len(prompts) - done) / rate)
@@ -131,3 +169,4 @@ def run(config, workdir):
   plots.save_png(os.path.join(workdir, "grid.png"), grid)
   print(f"wrote {len(prompts)} images to {out_dir} and {os.path.join(workdir, 'grid.png')}")
   return out_dir
+
