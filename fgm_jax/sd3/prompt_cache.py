@@ -125,7 +125,7 @@ def texts(cache_dir: str):
   return out
 
 
-def _encoder(encoders, mesh):
+def sharded_encoder(encoders, mesh):
   """Global-batch encoder: ids split over the batch axes, parameters by the encoders' rules."""
   from fgm_jax.models import clip, t5
   rules = tuple(dict.fromkeys(clip.LOGICAL_RULES + t5.LOGICAL_RULES))
@@ -179,7 +179,7 @@ def write(config, workdir, mesh=None):
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, MANIFEST),
                           {"settings": wanted, "complete": False})
-  encode = _encoder(encoders, mesh or parallel.mesh_from_config(config.mesh))
+  encode = sharded_encoder(encoders, mesh or parallel.mesh_from_config(config.mesh))
   size = int(config.shard_size)
   num_shards = -(-len(prompts) // size)
   start, done = time.time(), 0

@@ -87,9 +87,10 @@ def initial_noise(seed: int, index: int, shape) -> np.ndarray:
   return np.asarray(jax.random.normal(key, tuple(shape), jnp.float32))
 
 
-def _sampler(sd3: SD3, steps: int, guidance: float, sharding=None):
+def _sampler(sd3: SD3, steps: int, guidance: float, sharding=None, param_shardings=None):
   """jit(params, vae params, noise, cond, null cond) -> (latents, images); with a
-  parallel.ShardingContext the batch is split over its devices and the MM-DiT by its rules."""
+  parallel.ShardingContext the batch is split over its devices and the parameters as
+  ``param_shardings`` (MM-DiT, VAE) say."""
   ts = flow.diffusers_flow_match_grid(steps, sd3.shift, sd3.num_train_timesteps)
 
   def fn(mmdit_params, vae_params, noise, cond, null_cond):
@@ -97,7 +98,7 @@ def _sampler(sd3: SD3, steps: int, guidance: float, sharding=None):
     return latents, decode(sd3.vae, vae_params, latents)
   if sharding is None:
     return jax.jit(fn)
-  return sharding.jit(fn, in_shardings=(sd3_shardings(sd3, sharding) + (sharding.batch(),) * 3),
+  return sharding.jit(fn, in_shardings=param_shardings + (sharding.batch(),) * 3,
                       out_shardings=sharding.batch())
 
 
@@ -109,9 +110,11 @@ def sd3_shardings(sd3: SD3, sharding):
   return sharding.shardings(boxed), sharding.shardings(sd3.vae_params)
 
 
-def _conditioning(config, sd3):
-  """(prompt texts, encode(indices) -> (context, pooled), null pair) from a prompt file, or
-  from a prompt cache (config.prompts naming a cache folder: no text encoder runs)."""
+def _conditioning(config, sd3, mesh):
+  """(prompt texts, encode(indices) -> (context, pooled), null pair) from a prompt file
+  (encoded here, sharded over the mesh) or from a prompt cache (config.prompts naming a cache
+  folder: no text encoder runs)."""
+  from fgm_jax import parallel
   from fgm_jax.sd3 import prompt_cache
   if prompt_cache.is_cache(config.prompts):
     prompt_cache.require_settings(config.prompts, sd3.encoders)
@@ -120,8 +123,13 @@ def _conditioning(config, sd3):
                                          np.asarray(d["pooled"][idx], np.float32))
     return (prompt_cache.texts(config.prompts), lambda idx: as_f32(rows, idx), as_f32(uncond))
   prompts = prompt_cache.read_prompts(config.prompts)
-  return (prompts, lambda idx: text.encode_prompt(sd3.encoders, [prompts[i] for i in idx]),
-          text.encode_prompt(sd3.encoders, [""]))
+  encode_ids = prompt_cache.sharded_encoder(sd3.encoders, mesh)
+
+  def encode(texts):  # len(texts) is a multiple of the data-parallel devices
+    return tuple(np.asarray(a) for a in encode_ids(text.tokenize(sd3.encoders, texts)))
+
+  context, pooled = encode([""] * parallel.batch_device_count(mesh))
+  return prompts, lambda idx: encode([prompts[i] for i in idx]), (context[:1], pooled[:1])
 
 
 def run(config, workdir, mesh=None):
@@ -134,15 +142,18 @@ def run(config, workdir, mesh=None):
   from fgm_jax.evaluation import plots
   s = config.sample
   sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
-  prompts, encode, null = _conditioning(config, sd3)
-  prompts = prompts[:s.num or None]
   mesh = mesh or parallel.mesh_from_config(config.mesh)
+  prompts, encode, null = _conditioning(config, sd3, mesh)
+  prompts = prompts[:s.num or None]
   model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
   sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model))
   multiple = parallel.batch_device_count(mesh)
   down = sd3.latent_downscale
   shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
-  fn = _sampler(sd3, s.steps, s.guidance, sharding)
+  param_shardings = sd3_shardings(sd3, sharding)
+  # Placed once: the weights stay on the devices for every batch.
+  mmdit_params, vae_params = jax.device_put((sd3.mmdit_params, sd3.vae_params), param_shardings)
+  fn = _sampler(sd3, s.steps, s.guidance, sharding, param_shardings)
   out_dir = os.path.join(workdir, "images")
   os.makedirs(out_dir, exist_ok=True)
   start, images = time.time(), []
@@ -154,8 +165,8 @@ def run(config, workdir, mesh=None):
     noise = np.stack([initial_noise(s.seed, j, shape) for j in padded])
     null_cond = {"context": np.repeat(null[0], len(padded), 0),
                  "pooled": np.repeat(null[1], len(padded), 0)}
-    _, x = fn(sd3.mmdit_params, sd3.vae_params, noise,
-              {"context": context, "pooled": pooled}, null_cond)
+    _, x = fn(mmdit_params, vae_params, noise, {"context": context, "pooled": pooled},
+              null_cond)
     x = np.asarray(x)[:n]
     for j, k in enumerate(idx):
       plots.save_png(os.path.join(out_dir, f"{k:05d}_seed{s.seed}.png"),
