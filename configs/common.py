@@ -82,3 +82,11 @@ def runlocal(c, batch_size, samples=None):
     c.sample.num = samples
     c.eval.num_samples = samples
   return c
+
+
+def sd3():
+  """The SD3 diffusers folder every SD3 config reads, and how its prompts are encoded."""
+  return ml_collections.ConfigDict(dict(
+      folder=ml_collections.config_dict.placeholder(str),  # a local SD3 diffusers folder
+      t5_length=256,  # diffusers' max_sequence_length default; 77 as several peers use
+      dtype="float32"))  # compute dtype; "bfloat16" on accelerators

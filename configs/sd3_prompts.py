@@ -17,10 +17,7 @@ def get_config():
   c.job = "prompt_cache"
   c.seed = 0
   c.mesh = common.mesh()
-  c.sd3 = ml_collections.ConfigDict(dict(
-      folder=ml_collections.config_dict.placeholder(str),  # a local SD3 diffusers folder
-      t5_length=256,  # diffusers' max_sequence_length default; 77 as several peers use
-      dtype="float32"))  # encoder compute dtype; "bfloat16" on accelerators
+  c.sd3 = common.sd3()
   c.prompts = ml_collections.config_dict.placeholder(str)  # .txt (one per line) or .jsonl
   c.batch_size = 64  # prompts per encoder call, over all devices
   c.shard_size = 1024  # prompts per shard file (~2.7 GB at SD3-Medium's 333 x 4096 bf16)

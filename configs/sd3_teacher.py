@@ -20,11 +20,10 @@ def get_config():
   c.job = "sample"
   c.seed = 0
   c.mesh = common.mesh()
-  c.sd3 = ml_collections.ConfigDict(dict(
-      folder=ml_collections.config_dict.placeholder(str),  # a local SD3 diffusers folder
-      t5_length=256,  # diffusers' max_sequence_length default
-      dtype="float32"))  # compute dtype; "bfloat16" on accelerators
-  c.prompts = ml_collections.config_dict.placeholder(str)  # .txt (one per line) or .jsonl
+  c.sd3 = common.sd3()
+  # A prompt file (.txt, one per line, or .jsonl), or a prompt cache folder written by
+  # configs/sd3_prompts.py (its embeddings are used; no text encoder runs).
+  c.prompts = ml_collections.config_dict.placeholder(str)
   c.sample = ml_collections.ConfigDict(dict(
       num=0,  # 0: every prompt of the file
       steps=28, guidance=7.0, height=1024, width=1024, seed=0, batch_size=4))
