@@ -23,10 +23,9 @@ NUM_PROMPTS, SHARD = 10, 4  # 3 shards, the last one short
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(sd3_tiny, tmp_path_factory):
   root = tmp_path_factory.mktemp("cache")
-  folder = str(root / "sd3")
-  pipe = ref.build_pipeline(folder)
+  folder, pipe = sd3_tiny
   # Blank lines are not prompts (the empty prompt is the separate unconditional embedding).
   prompts = [p for p in ref.prompts_with_edge_cases(pipe.tokenizer) if p] + ref.PROMPT_TEXTS
   prompts = (prompts + ["a cat and a dog on a table", "a blue car"])[:NUM_PROMPTS]

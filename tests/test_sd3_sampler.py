@@ -17,9 +17,8 @@ STEPS, GUIDANCE, T5_LENGTH = 4, 4.5, 32
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("sd3") / "sd3")
-  pipe = ref.build_pipeline(folder)
+def setup(sd3_tiny):
+  folder, pipe = sd3_tiny
   return folder, pipe, sampler.load(folder, t5_length=T5_LENGTH)
 
 

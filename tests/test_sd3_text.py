@@ -19,11 +19,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sd3")
-  full, no_t5 = str(root / "full"), str(root / "no_t5")
-  return {"full": (full, ref.build_pipeline(full)),
-          "no_t5": (no_t5, ref.build_pipeline(no_t5, with_t5=False))}
+def folders(sd3_tiny, tmp_path_factory):
+  no_t5 = str(tmp_path_factory.mktemp("sd3") / "no_t5")
+  return {"full": sd3_tiny, "no_t5": (no_t5, ref.build_pipeline(no_t5, with_t5=False))}
 
 
 def _diffusers(pipe, prompts, t5_length):
