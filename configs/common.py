@@ -89,4 +89,23 @@ def sd3():
   return ml_collections.ConfigDict(dict(
       folder=ml_collections.config_dict.placeholder(str),  # a local SD3 diffusers folder
       t5_length=256,  # diffusers' max_sequence_length default; 77 as several peers use
-      dtype="float32"))  # compute dtype; "bfloat16" on accelerators
+      dtype="float32",  # compute dtype; "bfloat16" on accelerators
+      # :runlocal smoke runs: build a tiny random folder in <workdir>/tiny_sd3 (and a prompt
+      # file beside it) when folder / prompts are not given. Never a real model.
+      tiny_random=False))
+
+
+def sd3_run(job, variant):
+  """(config, variant words) shared by the SD3 folder configs: the folder, the prompts (a
+  file, or for sampling also a prompt cache) and the ':runlocal' tiny random components."""
+  words = parse_variant(variant, ("runlocal",))
+  c = ml_collections.ConfigDict()
+  c.job = job
+  c.seed = 0
+  c.mesh = mesh()
+  c.sd3 = sd3()
+  c.prompts = ml_collections.config_dict.placeholder(str)
+  if "runlocal" in words:  # tiny random SD3 components built on the fly: a CPU smoke run
+    c.sd3.tiny_random = True
+    c.sd3.t5_length = 32
+  return c, words

@@ -136,10 +136,12 @@ def _check_sd3(config):
   prompt file, sizes."""
   _require(config.job in ("prompt_cache", "sample"),
            f"config.job={config.job!r}: an SD3 folder config runs 'prompt_cache' or 'sample'.")
-  _require(bool(config.sd3.folder), "config.sd3.folder is not set; point it at a local SD3 "
-           "diffusers folder, e.g. --config.sd3.folder=stable-diffusion-3-medium-diffusers.")
-  _require(bool(config.prompts), "config.prompts is not set; give a prompt file (one prompt "
-           "per line, or JSONL with a 'prompt' field): --config.prompts=prompts.txt.")
+  tiny = config.sd3.tiny_random  # :runlocal builds both when they are not given
+  _require(bool(config.sd3.folder) or tiny, "config.sd3.folder is not set; point it at a "
+           "local SD3 diffusers folder, e.g. "
+           "--config.sd3.folder=stable-diffusion-3-medium-diffusers.")
+  _require(bool(config.prompts) or tiny, "config.prompts is not set; give a prompt file (one "
+           "prompt per line, or JSONL with a 'prompt' field): --config.prompts=prompts.txt.")
   _require(config.sd3.dtype in ("float32", "bfloat16"),
            f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
   _require(config.sd3.t5_length >= 1, f"config.sd3.t5_length={config.sd3.t5_length} must be "

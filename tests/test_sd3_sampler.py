@@ -106,3 +106,21 @@ def test_sample_job_reads_a_prompt_cache(setup, tmp_path):
   c.sd3.t5_length = 77  # a cache of other settings is refused
   with pytest.raises(config_checks.ConfigError, match="t5_length: 32 there, 77 here"):
     main_lib.run(c, str(tmp_path / "wrong"))
+
+
+def test_runlocal_builds_a_tiny_folder_that_diffusers_reads_alike(tmp_path):
+  """configs/sd3_teacher.py:runlocal runs end to end on components our own exporters wrote;
+  diffusers loads that folder and encodes prompts as we do (the writers are right)."""
+  from configs import sd3_teacher
+  from diffusers import StableDiffusion3Pipeline
+  from fgm_jax import main as main_lib
+  main_lib.run(sd3_teacher.get_config("runlocal"), str(tmp_path))
+  assert len(os.listdir(tmp_path / "images")) == len(ref.PROMPT_TEXTS)
+  folder = str(tmp_path / "tiny_sd3")
+  pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+  with torch.no_grad():
+    want, _, want_pooled, _ = pipe.encode_prompt(prompt=ref.PROMPT_TEXTS, prompt_2=None,
+                                                 prompt_3=None, max_sequence_length=32)
+  got, got_pooled = text.encode_prompt(text.load(folder, t5_length=32), ref.PROMPT_TEXTS)
+  assert ref.max_rel_err(got, want.numpy()) <= 1e-5
+  assert ref.max_rel_err(got_pooled, want_pooled.numpy()) <= 1e-5

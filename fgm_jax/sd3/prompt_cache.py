@@ -166,6 +166,8 @@ def _save(path, **arrays):
 
 def write(config, workdir, mesh=None):
   """Encodes config.prompts into ``workdir``; resumes a killed run. Returns the manifest."""
+  from fgm_jax.sd3 import tiny
+  config = tiny.resolve(config, workdir)
   prompts = read_prompts(config.prompts)
   encoders = text.load(config.sd3.folder, t5_length=config.sd3.t5_length,
                        dtype=config.sd3.dtype)

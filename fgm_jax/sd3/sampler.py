@@ -10,7 +10,6 @@ PNGs named by prompt index and seed, plus a grid.
 """
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -140,6 +139,8 @@ def run(config, workdir, mesh=None):
   """
   from fgm_jax import parallel
   from fgm_jax.evaluation import plots
+  from fgm_jax.sd3 import tiny
+  config = tiny.resolve(config, workdir)
   s = config.sample
   sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
   mesh = mesh or parallel.mesh_from_config(config.mesh)

@@ -17,7 +17,6 @@ function that jits and shards like everything else.
 """
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Optional, Sequence
