@@ -191,15 +191,3 @@ def test_writer_killed_mid_run_resumes_to_the_same_shards(setup, tmp_path):
   assert not prompt_cache.read_manifest(killed)["complete"]
   main_lib.run(c, killed)
   _assert_same_files(_files(uninterrupted), _files(killed))
-
-
-def test_empty_prompt_file_is_one_line_on_the_command_line(setup, tmp_path):
-  config, _, _, _ = setup
-  c = config.copy_and_resolve_references()
-  (tmp_path / "empty.txt").write_text("\n")
-  c.prompts = str(tmp_path / "empty.txt")
-  proc = _cli(c, str(tmp_path / "out"))
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 2, err[-2000:]
-  assert "error: config.prompts=" in err and "holds no prompts" in err
-  assert "Traceback" not in err
