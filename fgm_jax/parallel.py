@@ -81,7 +81,7 @@ def mesh_from_config(mesh_config, devices=None) -> Mesh:
 
 def rules_for(mesh_config, model_config):
   """The logical-axis rules of a run: config.mesh.rules when given, else the model's own."""
-  from fgm_jax import models  # parallel is imported by the models' users, not vice versa
+  from fgm_jax import models  # lazily: the model modules import parallel for their rules
   rules = mesh_config.rules or models.logical_rules(model_config, mesh_config.tensor > 1)
   return tuple(tuple(r) for r in rules)
 

@@ -2,9 +2,8 @@
 
 from fgm_jax.evaluation import digits_classifier
 from fgm_jax.evaluation import evaluators
+from fgm_jax.evaluation import plots
 from fgm_jax.train import sampling
-
-GRID_IMAGES = 64
 
 
 class DigitsEvaluator(evaluators.Evaluator):
@@ -24,7 +23,7 @@ class DigitsEvaluator(evaluators.Evaluator):
 
   def reference_panel(self):
     from fgm_jax.data import digits
-    images = digits.load_split("test")[0][:GRID_IMAGES]
+    images = digits.load_split("test")[0][:plots.GRID_IMAGES]
     return sampling.SampleSet("real_heldout", "real (held-out)", images)
 
   def note(self, n):

@@ -1,10 +1,10 @@
 """Toy 2-D data: exact sample distances to fresh draws of the distribution."""
 
 from fgm_jax.evaluation import evaluators
+from fgm_jax.evaluation import plots
 from fgm_jax.evaluation import toy_metrics
 from fgm_jax.train import sampling
 
-SCATTER_POINTS = 5000
 FLOOR_SEED = 54321  # the real-data floor's second draw, independent of the reference draw
 
 
@@ -21,7 +21,7 @@ class Toy2DEvaluator(evaluators.Evaluator):
     return self.metric(self.trainer.data.reference(n, seed=FLOOR_SEED), n)
 
   def reference_panel(self):
-    return sampling.SampleSet("data", "data", self.trainer.data.reference(SCATTER_POINTS))
+    return sampling.SampleSet("data", "data", self.trainer.data.reference(plots.SCATTER_POINTS))
 
   def note(self, n):
     return (f"Energy distance and sliced Wasserstein-2 (lower is better) between {n} samples "

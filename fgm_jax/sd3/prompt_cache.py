@@ -75,18 +75,23 @@ def settings(config, encoders, prompts) -> dict:
           "shard_size": int(config.shard_size), **encoders.settings()}
 
 
+def _differences(saved: dict, wanted: dict, keys, here: str) -> str:
+  """'k: <saved> there, <wanted> <here>, ...' for the keys whose values differ ('' if none)."""
+  return ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} {here}"
+                   for k in sorted(keys) if saved.get(k) != wanted.get(k))
+
+
 def _check_workdir(workdir, wanted):
   path = os.path.join(workdir, MANIFEST)
   if not os.path.isfile(path):
     return
   with open(path) as f:
     saved = json.load(f)["settings"]
-  diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+  diff = _differences(saved, wanted, set(saved) | set(wanted), "now")
   if diff:
     raise config_checks.ConfigError(
-        f"--workdir={workdir} holds a prompt cache made with other settings ("
-        + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in diff)
-        + "); use a new --workdir.")
+        f"--workdir={workdir} holds a prompt cache made with other settings ({diff}); use a "
+        "new --workdir.")
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -105,14 +110,12 @@ def is_cache(path: str) -> bool:
 def require_settings(cache_dir: str, encoders: text.TextEncoders):
   """Stops when a cache was made with other encoder settings than ``encoders`` (T5 length,
   context width, with or without T5): its embeddings would not be what the model expects."""
-  saved = read_manifest(cache_dir)["settings"]
   wanted = encoders.settings()
-  diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+  diff = _differences(read_manifest(cache_dir)["settings"], wanted, wanted, "here")
   if diff:
     raise config_checks.ConfigError(
-        f"the prompt cache {cache_dir} was made with other settings ("
-        + ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} here" for k in diff)
-        + "); rebuild it with these settings or point config.prompts at a matching cache.")
+        f"the prompt cache {cache_dir} was made with other settings ({diff}); rebuild it "
+        "with these settings or point config.prompts at a matching cache.")
 
 
 def texts(cache_dir: str):
@@ -176,7 +179,8 @@ def write(config, workdir, mesh=None):
   os.makedirs(workdir, exist_ok=True)
   per_prompt = bytes_per_prompt(encoders)
   print(f"prompt cache: {len(prompts):,} prompts x {per_prompt / 1e6:.2f} MB "
-        f"(77 + {encoders.t5_length} tokens x {encoders.joint_dim}, bf16) = "
+        f"({encoders.clip_length} + {encoders.t5_length} tokens x {encoders.joint_dim}, "
+        "bf16) = "
         f"{len(prompts) * per_prompt / 1e9:.2f} GB in {workdir}", flush=True)
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, MANIFEST),
@@ -190,14 +194,14 @@ def write(config, workdir, mesh=None):
     if os.path.isfile(path):
       continue  # finished by an earlier run
     rows = range(k * size, min(len(prompts), (k + 1) * size))
-    ctx, pooled = _encode_all(encode, encoders, [prompts[i] for i in rows], config.batch_size)
+    shard = [prompts[i] for i in rows]
+    ctx, pooled = _encode_all(encode, encoders, shard, config.batch_size)
     if jax.process_index() == 0:
-      _save(path, context=ctx, pooled=pooled, prompt=np.array([prompts[i] for i in rows]),
+      _save(path, context=ctx, pooled=pooled, prompt=np.array(shard),
             index=np.array(list(rows), np.int64))
     done += len(rows)
     rate = done / max(time.time() - start, 1e-9)
-    left = sum(len(range(j * size, min(len(prompts), (j + 1) * size)))
-               for j in range(k + 1, num_shards))
+    left = len(prompts) - rows.stop  # the prompts of the shards after this one
     logging.info("prompt cache: shard %d/%d, %.1f prompts/s, ETA %.0f s", k + 1, num_shards,
                  rate, left / max(rate, 1e-9))
   uncond_ctx, uncond_pooled = _encode_all(encode, encoders, [""], config.batch_size)

@@ -50,7 +50,7 @@ def load(folder: str, t5_length: int = text.DEFAULT_T5_LENGTH, dtype=jnp.float32
   dtype = jnp.dtype(dtype)
   encoders = text.load(folder, t5_length=t5_length, dtype=dtype)  # checks the layout first
   for sub in ("vae", "scheduler"):
-    text._require(os.path.join(folder, sub), f"{sub}/")
+    text.require_part(os.path.join(folder, sub), f"{sub}/")
   t_config, t_params = dconv.load_params(os.path.join(folder, "transformer"), "mmdit")
   v_config, v_params = dconv.load_params(os.path.join(folder, "vae"), "vae")
   with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
@@ -177,7 +177,7 @@ def run(config, workdir, mesh=None):
     rate = done / (time.time() - start)
     logging.info("sd3 sample: %d/%d images, %.2f images/s, ETA %.0f s", done, len(prompts),
                  rate, (len(prompts) - done) / rate)
-  grid = plots.image_grid(np.concatenate(images)[:64] * 2 - 1)
+  grid = plots.image_grid(np.concatenate(images)[:plots.GRID_IMAGES] * 2 - 1)
   plots.save_png(os.path.join(workdir, "grid.png"), grid)
   print(f"wrote {len(prompts)} images to {out_dir} and {os.path.join(workdir, 'grid.png')}")
   return out_dir

@@ -59,7 +59,7 @@ class TextEncoders:
             "joint_dim": self.joint_dim, "t5": self.t5 is not None}
 
 
-def _require(path: str, what: str):
+def require_part(path: str, what: str):
   if not os.path.exists(path):
     raise SD3FolderError(
         f"{path} is missing: an SD3 diffusers folder needs {what} (the layout of "
@@ -83,15 +83,15 @@ def _load_encoder(folder: str, kind: str, dtype) -> Encoder:
 def load(folder: str, t5_length: int = DEFAULT_T5_LENGTH, dtype=jnp.float32) -> TextEncoders:
   """The text encoders and tokenizers of an SD3 folder; clear errors for missing parts."""
   dtype = jnp.dtype(dtype)  # 'float32' / 'bfloat16' from a config, or a jnp type
-  _require(folder, "a folder")
+  require_part(folder, "a folder")
   for sub, what in ((CLIP_SUBFOLDERS[0], "CLIP-L"), (CLIP_SUBFOLDERS[1], "CLIP-G"),
                     (TOKENIZERS[0], "the CLIP-L tokenizer"),
                     (TOKENIZERS[1], "the CLIP-G tokenizer"),
                     ("transformer", "the MM-DiT (its config.json gives the context width)")):
-    _require(os.path.join(folder, sub), f"{sub}/ ({what})")
+    require_part(os.path.join(folder, sub), f"{sub}/ ({what})")
   has_t5 = os.path.isdir(os.path.join(folder, T5_SUBFOLDER))
   if has_t5:
-    _require(os.path.join(folder, TOKENIZERS[2]), f"{TOKENIZERS[2]}/ (the T5 tokenizer)")
+    require_part(os.path.join(folder, TOKENIZERS[2]), f"{TOKENIZERS[2]}/ (the T5 tokenizer)")
   with open(os.path.join(folder, "transformer", "config.json")) as f:
     joint_dim = int(json.load(f).get("joint_attention_dim", 4096))
   tokenizers = tuple(load_tokenizer(os.path.join(folder, t)) for t in TOKENIZERS[:2]) + (
