@@ -37,6 +37,7 @@ def get_config(variant=""):
   c.log.plot_every = 5_000
   c.sample.num = 50_000
   c.eval = common.evaluation(50_000)
+  c.eval.fid = common.fid()  # FID-50k, the convention of every CIFAR-10 result
   if "runlocal" in words:
     common.runlocal(c, batch_size=8, samples=16)
     c.optim.lr = c.online_optim.lr = 1e-4

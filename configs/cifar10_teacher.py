@@ -52,6 +52,7 @@ def get_config(variant=""):
   c.sample.steps = 50  # [ours] Euler; the paper reports the teacher with an adaptive solver
   c.sample.num = 50_000  # the FID convention
   c.eval = common.evaluation(50_000)
+  c.eval.fid = common.fid()  # FID-50k, the convention of every CIFAR-10 result
   if "runlocal" in words:
     # A one-level tiny U-Net (16 channels, attention at 32x32): compiles in a third of the
     # time of a two-level one on a CPU, and the run only has to show the pipeline works.

@@ -71,6 +71,23 @@ def evaluation(num_samples):
       classifier_dir=ml_collections.config_dict.placeholder(str)))
 
 
+def fid():
+  """config.eval.fid for image data sets without a metric of their own (tfds: CIFAR-10).
+
+  inception: converted Inception weights (python -m fgm_jax.convert.inception); None: no FID,
+    sample sets are still drawn for pictures.
+  reference: an .npz with mu/sigma (EDM's cifar10-32x32.npz, pytorch-fid --save-stats); None:
+    computed once from the tfds split ``reference_split`` and cached beside the run.
+  quantize: 'round' (EDM, StyleGAN) or 'truncate' (score_sde / RectifiedFlow's own FIDs).
+  image_size: 299 is FID's; smaller sizes (>= 75) only make CPU smoke tests cheap.
+  batch_size: global images per feature batch (split over the data devices).
+  """
+  return ml_collections.ConfigDict(dict(
+      inception=ml_collections.config_dict.placeholder(str),
+      reference=ml_collections.config_dict.placeholder(str),
+      reference_split="train", quantize="round", image_size=299, batch_size=500))
+
+
 def runlocal(c, batch_size, samples=None):
   """Shrinks a config to a 3-step CPU smoke run that still checkpoints and logs each step."""
   c.batch_size = batch_size

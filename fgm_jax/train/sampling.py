@@ -5,6 +5,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from fgm_jax import progress
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleSet:
@@ -27,9 +29,14 @@ def noise(n: int, shape, seed: int) -> np.ndarray:
   return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n,) + tuple(shape)))
 
 
-def draw(fn, z: np.ndarray, chunk: int = 4096, multiple: int = 1) -> np.ndarray:
+def draw(fn, z: np.ndarray, chunk: int = 4096, multiple: int = 1, what: str = "") -> np.ndarray:
   """fn over z in chunks; each chunk is zero-padded to a multiple of ``multiple`` rows (the
-  data-parallel device count, which must divide a sharded batch) and trimmed back."""
+  data-parallel device count, which must divide a sharded batch) and trimmed back.
+
+  With more than one chunk, each finished chunk logs progress as ``what`` (e.g. 'teacher
+  50-step euler'), with rate and ETA.
+  """
+  meter = progress.Meter(what or "sampling", len(z), "samples", enabled=len(z) > chunk)
   out = []
   for i in range(0, len(z), chunk):
     part = z[i:i + chunk]
@@ -37,4 +44,5 @@ def draw(fn, z: np.ndarray, chunk: int = 4096, multiple: int = 1) -> np.ndarray:
     if pad:
       part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
     out.append(np.asarray(fn(part))[:len(part) - pad])
+    meter.advance(len(part) - pad)
   return np.concatenate(out)

@@ -78,7 +78,7 @@ class Trainer:
                                        out_shardings=batch)
     sampler = functools.partial(self._samplers[name], params)
     return sampling.draw(sampler, sampling.noise(n, self.shape, seed), chunk,
-                         self.batch_devices)
+                         self.batch_devices, what=f"sampling {name}")
 
   def _teacher_ode(self, params, n, seed, num_steps):
     s = self.teacher_config.sample
