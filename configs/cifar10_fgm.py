@@ -7,10 +7,20 @@ The teacher's whole config (configs/cifar10_teacher.py) is nested under config.t
 model is the architecture of all three networks, and config.teacher.workdir names the finished
 teacher run to restore (train it first; that needs CIFAR-10 prepared for tfds). FGM itself
 needs no data.
-Variants: 'runlocal' (tiny U-Net, batch 8, 3 iterations, for a CPU smoke run).
+Variants: 'runlocal' (tiny U-Net, batch 8, 3 iterations, for a CPU smoke run);
+'rf_teacher': distil the published 1-Rectified-Flow CIFAR-10 teacher (gnobitab/RectifiedFlow,
+the FGM paper's CIFAR-10 teacher), imported with fgm_jax.convert.rectified_flow:
+
+    python -m fgm_jax.convert.rectified_flow checkpoint_8.pth runs/cifar10_rf_teacher
+    python -m fgm_jax.main --config=configs/cifar10_fgm.py:rf_teacher \\
+        --config.teacher.workdir=runs/cifar10_rf_teacher --workdir=runs/cifar10_rf_fgm
+
+'rf_teacher,runlocal' distils the narrow RF network a test checkpoint converts into
+(tests/rf_reference.write_random_checkpoint(path, **rf_reference.NARROW)).
 
 Provenance of the values: [FGM] Huang et al. 2024 (Flow Generator Matching), CIFAR-10
-unconditional; [ours] our choice, where the paper gives no value we know of.
+unconditional; [RF] RectifiedFlow (Liu et al. 2022) and its code; [ours] our choice, where the
+paper gives no value we know of.
 """
 
 from configs import common
@@ -18,7 +28,7 @@ from configs import cifar10_teacher
 
 
 def get_config(variant=""):
-  words = common.parse_variant(variant, ("runlocal",))
+  words = common.parse_variant(variant, ("runlocal", "rf_teacher"))
   c = common.base("distill")
   c.teacher = cifar10_teacher.get_config(variant)
   c.teacher.workdir = "runs/cifar10_teacher"
@@ -38,6 +48,12 @@ def get_config(variant=""):
   c.sample.num = 50_000
   c.eval = common.evaluation(50_000)
   c.eval.fid = common.fid()  # FID-50k, the convention of every CIFAR-10 result
+  if "rf_teacher" in words:
+    c.teacher.workdir = "runs/cifar10_rf_teacher"  # [ours] the converter's OUT_WORKDIR
+    # RectifiedFlow never trained at s < 1e-3 (our t > 0.999) [RF], so the FGM times stay in
+    # [0, 0.999] and the generator reads its noise at t* = 0.999 [ours], where the teacher's
+    # first Euler step starts in RectifiedFlow's own sampler [RF].
+    c.fgm = dict(common.fgm(t_star=0.999), t_max=0.999)
   if "runlocal" in words:
     common.runlocal(c, batch_size=8, samples=16)
     c.optim.lr = c.online_optim.lr = 1e-4
