@@ -11,6 +11,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+from tests import torchvision_without_ops  # noqa: E402
+
+# Before anything imports torchvision (transformers and diffusers do when it is installed):
+# requirements-test.txt's torchvision has no CPU build of its compiled ops.
+torchvision_without_ops.install()
+
 
 @pytest.fixture(scope="session")
 def sd3_tiny(tmp_path_factory):
