@@ -16,7 +16,7 @@ the FGM paper's CIFAR-10 teacher), imported with fgm_jax.convert.rectified_flow:
         --config.teacher.workdir=runs/cifar10_rf_teacher --workdir=runs/cifar10_rf_fgm
 
 'rf_teacher,runlocal' distils the narrow RF network a test checkpoint converts into
-(tests/rf_reference.write_random_checkpoint(path, **rf_reference.NARROW)).
+(tests/rf_reference.write_random_checkpoint(path, **rf_reference.RUNLOCAL)).
 
 Provenance of the values: [FGM] Huang et al. 2024 (Flow Generator Matching), CIFAR-10
 unconditional; [RF] RectifiedFlow (Liu et al. 2022) and its code; [ours] our choice, where the

@@ -13,7 +13,7 @@ config its imported checkpoint runs under:
     python -m fgm_jax.main --config=configs/cifar10_teacher.py:rf_teacher --config.job=sample \
         --workdir=runs/cifar10_rf_teacher
 
-'rf_teacher,runlocal' is its narrow CPU-test network (two levels, 16 channels).
+'rf_teacher,runlocal' is its narrow CPU-test network (one level, 16 channels).
 
 Provenance of the values: [EDM] Karras et al. 2022 DDPM++ CIFAR-10; [score_sde] Song et al.
 2021's DDPM++ CIFAR-10 recipe, which 1-Rectified Flow (the FGM paper's CIFAR-10 teacher) trains
@@ -65,8 +65,9 @@ def get_config(variant=""):
   if "rf_teacher" in words:
     rf_teacher(c)
   if "runlocal" in words and "rf_teacher" in words:
-    # The narrow RF network of the converter's tests (tests/rf_reference.NARROW): two levels
-    # so that down / up blocks and a level with attention exist; 16 channels.
+    # A one-level RF network, 16 channels (tests/rf_reference.RUNLOCAL): FGM on it compiles
+    # 3x faster than on a two-level one (37 s vs 115 s for 3 iterations on 2 loaded cores),
+    # and the import path is the same. The converter's numerics test covers two levels.
     c.model = rf_narrow_model()
     common.runlocal(c, batch_size=8, samples=16)
     c.optim.warmup_steps = 0
@@ -80,9 +81,10 @@ def get_config(variant=""):
 
 
 def rf_narrow_model():
-  """The ':rf_teacher,runlocal' network: the RF layout at nf=16, ch_mult (1, 2), 1 block."""
-  return unet.rectified_flow_cifar10(model_channels=16, channel_mult=(1, 2), num_blocks=1,
-                                     attn_resolutions=(16,))
+  """The ':rf_teacher,runlocal' network: the RF layout at nf=16, one level, one block, attention
+  only in the middle block."""
+  return unet.rectified_flow_cifar10(model_channels=16, channel_mult=(1,), num_blocks=1,
+                                     attn_resolutions=())
 
 
 def rf_teacher(c):

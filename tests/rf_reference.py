@@ -13,10 +13,11 @@ computations are written here from the layer descriptions, not from their code.
 Why not diffusers' ``UNet2DModel``: it expresses neither the BigGAN resampling blocks nor the
 decoder attention of this layout (see tests/test_rectified_flow_import.py's module docstring).
 
-    model = NCSNpp(**NARROW)                       # the :runlocal architecture
+    model = NCSNpp(**NARROW)                       # two levels, attention at 16x16
     randomize_(model, seed=0)                      # every tensor, the zero-initialised ones too
     v = velocity(model, x_nhwc, t)                 # our convention: -u(x, 999 (1 - t))
-    ckpt = write_random_checkpoint(path, **NARROW) # their file format, random weights
+    ckpt = write_random_checkpoint(path, **RUNLOCAL)  # their file format, random weights,
+                                                   # the ':rf_teacher,runlocal' network
 
 Architecture keywords (score_sde names): nf, ch_mult, num_res_blocks, attn_resolutions,
 image_size, channels, dropout. The published CIFAR-10 teacher is ``PUBLISHED``.
@@ -34,9 +35,12 @@ from torch import nn
 # The published 1-Rectified-Flow CIFAR-10 network (their configs/rectified_flow/
 # cifar10_rf_gaussian_ddpmpp.py).
 PUBLISHED = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,))
-# The narrow network of the ':rf_teacher,runlocal' configs: two levels, attention at 16x16,
-# one block per level, 16 base channels (GroupNorm then has 4 and 8 groups).
+# The narrow network of the numerics test: two levels (so down / up blocks), attention at
+# 16x16, one block per level, 16 base channels (GroupNorm then has 4 and 8 groups).
 NARROW = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,))
+# The network of the ':rf_teacher,runlocal' configs (configs/cifar10_teacher.rf_narrow_model):
+# one level, attention only in the middle block; distilling it compiles fast on a CPU.
+RUNLOCAL = dict(nf=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
 
 EMA_DECAY = 0.999999  # the RectifiedFlow CIFAR-10 config's model.ema_rate
 
@@ -255,7 +259,8 @@ def write_random_checkpoint(path, *, seed: int = 0, step: int = 800_000,
   'module.sigmas' buffer first), 'ema': {'decay', 'num_updates', 'shadow_params': [tensors in
   model.parameters() order]}, 'step': int}, saved with torch.save. The raw and the EMA
   weights are independent random draws, so a converter that picks the wrong ones fails.
-  ``arch``: NCSNpp keywords (default the published network; tests pass ``**NARROW``).
+  ``arch``: NCSNpp keywords (default the published network, ~1 GB with the optimizer; tests
+  pass ``**RUNLOCAL`` for the ':rf_teacher,runlocal' configs or ``**NARROW``).
   """
   model = randomize_(build(**arch), seed)
   ema_model = randomize_(build(**arch), seed + 1)

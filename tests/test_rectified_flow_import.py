@@ -57,8 +57,15 @@ X = RNG.normal(size=(3, 32, 32, 3)).astype(np.float32)
 T = np.array([0.0, 0.37, 1.0], np.float32)  # labels 999, 629.37, 0
 
 
+# rf_reference.NARROW in our config: two levels, so down / up blocks and a level with attention.
+NARROW_MODEL = unet.rectified_flow_cifar10(model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                                           attn_resolutions=(16,))
+
+
 def _teacher_config():
-  return cifar10_teacher.get_config("rf_teacher,runlocal")
+  c = cifar10_teacher.get_config("rf_teacher,runlocal")
+  c.model = NARROW_MODEL
+  return c
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,7 @@ def restored(converted):
   assert int(state.step) == converted["ckpt"].step
   assert trainer.model.time_scale == 999.0 and trainer.model.time_reverse
   fgm = cifar10_fgm.get_config("rf_teacher,runlocal")
+  fgm.teacher.model = NARROW_MODEL
   fgm.teacher.workdir = converted["model"]
   config_checks.validate(fgm)  # job=distill: the teacher checkpoint exists and fits
   distiller = trainers.DistillTrainer(fgm, parallel.mesh_from_config(fgm.mesh))
@@ -123,7 +131,7 @@ def test_key_list_of_the_published_network_matches_the_reference():
 
 
 def test_velocity_matches_reference_for_ema_and_raw_weights(converted, restored):
-  module = unet.from_config(cifar10_teacher.rf_narrow_model())
+  module = unet.from_config(NARROW_MODEL)
   apply = jax.jit(lambda params, x, t: module.apply({"params": params}, x, t))
   ckpt = converted["ckpt"]
   got = {w: np.asarray(apply(params, X, T)) for w, params in restored.items()}
@@ -145,8 +153,8 @@ def _named(model):
 def test_chosen_tensors_land_where_our_code_reads_them(converted, restored):
   ckpt = converted["ckpt"]
   last = len(ckpt.model.all_modules) - 1
-  attn = [m.index for m in rectified_flow_keys.module_plan(
-      cifar10_teacher.rf_narrow_model(), 32, 3) if m.kind == "attention"][-1]
+  attn = [m.index for m in rectified_flow_keys.module_plan(NARROW_MODEL, 32, 3)
+          if m.kind == "attention"][-1]
   for weights, reference in (("ema", ckpt.ema_model), ("model", ckpt.model)):
     params, src = restored[weights], _named(reference)
     # Placed by hand: the output conv (OIHW -> HWIO), the time MLP (transposed) and the
@@ -255,10 +263,11 @@ def test_rf_configs():
     assert fgm.teacher.model.to_dict() == cifar10_teacher.get_config(variant).model.to_dict()
     # RectifiedFlow never trained at s = 1 - t < 1e-3: FGM stays inside t <= 0.999.
     assert fgm.fgm.t_max <= 0.999 and fgm.fgm.t_star <= 0.999
-  # The narrow config network is the one the test checkpoints hold.
-  narrow = rectified_flow_keys.infer_architecture(
-      rectified_flow_keys.key_shapes(cifar10_teacher.rf_narrow_model(), 32, 3), 32)
-  assert narrow == dict(model_channels=rf_reference.NARROW["nf"],
-                        channel_mult=rf_reference.NARROW["ch_mult"],
-                        num_blocks=rf_reference.NARROW["num_res_blocks"],
-                        attn_resolutions=rf_reference.NARROW["attn_resolutions"])
+  # The ':rf_teacher,runlocal' network is rf_reference.RUNLOCAL, and a checkpoint of it
+  # converts into exactly that config (one level: no down block ends the level's run).
+  with torch.device("meta"):
+    runlocal = rf_reference.NCSNpp(**rf_reference.RUNLOCAL)
+  shapes = {k: s for k, s in rf_reference.key_shapes(runlocal).items() if k != "sigmas"}
+  inferred = rectified_flow_keys.infer_architecture(shapes, 32)
+  model = cifar10_teacher.rf_narrow_model()
+  assert inferred == {k: model[k] for k in inferred}

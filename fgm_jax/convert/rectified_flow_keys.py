@@ -250,32 +250,47 @@ def _by_module(shapes: Mapping[str, Shape]) -> Dict[int, Dict[str, Shape]]:
 def infer_architecture(shapes: Mapping[str, Shape], image_size: int) -> Optional[dict]:
   """{model_channels, channel_mult, num_blocks, attn_resolutions} read off the module list.
 
-  nf is the input conv's width (module 2); a level is its run of residual blocks (each
-  maybe followed by an attention block) up to a down block (a BigGAN block with a 1x1
-  shortcut but no channel change); the multiplier is the first block's width / nf; the block
-  count is level 0's. None when the list does not parse this way (e.g. a single level, whose
-  encoder blocks cannot be told from the middle ones): the config's values are used then.
+  nf is the input conv's width (module 2). With several levels, a level is its run of
+  residual blocks (each maybe followed by an attention block) up to a down block (a BigGAN
+  block with a 1x1 shortcut but no channel change); its multiplier is the first block's width
+  / nf and the block count is level 0's. A single level has no down block to end its run, so
+  its block count follows from the number of modules. A guess counts only when its key list
+  reproduces ``shapes`` exactly (channels taken from the input conv); otherwise None, and the
+  config's values are used.
   """
   mods = _by_module(shapes)
-
-  def resblock(i):
-    return "Conv_0.weight" in mods.get(i, {}) and "Dense_0.weight" in mods[i]
-
-  def down(i):
-    conv = mods[i]["Conv_0.weight"]
-    return "Conv_2.weight" in mods[i] and conv[0] == conv[1]
-
-  attention = lambda i: "NIN_0.W" in mods.get(i, {})
   conv_in = mods.get(2, {}).get("weight", ())
   if len(conv_in) != 4:
     return None
-  nf, i, blocks, mults, attn = conv_in[0], 3, None, [], []
+  nf, channels = conv_in[0], conv_in[1]
+  for guess in (_levels_guess(mods, nf, image_size), _one_level_guess(mods, nf, image_size)):
+    if guess and _reproduces(guess, shapes, image_size, channels):
+      return guess
+  return None
+
+
+def _is_resblock(mods, i):
+  return "Conv_0.weight" in mods.get(i, {}) and "Dense_0.weight" in mods[i]
+
+
+def _is_down(mods, i):  # a resampling BigGAN block: 1x1 shortcut without a channel change
+  conv = mods[i]["Conv_0.weight"]
+  return "Conv_2.weight" in mods[i] and conv[0] == conv[1]
+
+
+def _is_attention(mods, i):
+  return "NIN_0.W" in mods.get(i, {})
+
+
+def _levels_guess(mods, nf, image_size) -> Optional[dict]:
+  i, blocks, mults, attn = 3, None, [], []
   for level in range(32):
     n, width, attends = 0, None, False
-    while resblock(i) and not down(i) and (blocks is None or n < blocks):
+    while (_is_resblock(mods, i) and not _is_down(mods, i)
+           and (blocks is None or n < blocks)):
       width = width or mods[i]["Conv_0.weight"][0]
       i, n = i + 1, n + 1
-      if attention(i):
+      if _is_attention(mods, i):
         i, attends = i + 1, True
     blocks = n if blocks is None else blocks
     if n == 0 or n != blocks or width % nf:
@@ -283,13 +298,37 @@ def infer_architecture(shapes: Mapping[str, Shape], image_size: int) -> Optional
     mults.append(width // nf)
     if attends:
       attn.append(image_size >> level)
-    if not (resblock(i) and down(i)):
+    if not (_is_resblock(mods, i) and _is_down(mods, i)):
       break
     i += 1
   if len(mults) < 2:
     return None
   return dict(model_channels=nf, channel_mult=tuple(mults), num_blocks=blocks,
-              attn_resolutions=tuple(attn))
+              attn_resolutions=tuple(sorted(attn)))
+
+
+def _one_level_guess(mods, nf, image_size) -> Optional[dict]:
+  # 3 + B (1 + a) encoder + 3 middle + (B + 1) + a decoder + 2 output modules, a = attention.
+  if not _is_resblock(mods, 3):
+    return None
+  a = int(_is_attention(mods, 4))
+  blocks, rest = divmod(len(mods) - 9 - a, 2 + a)
+  width = mods[3]["Conv_0.weight"][0]
+  if rest or blocks < 1 or width % nf:
+    return None
+  return dict(model_channels=nf, channel_mult=(width // nf,), num_blocks=blocks,
+              attn_resolutions=(image_size,) if a else ())
+
+
+def _reproduces(guess, shapes, image_size, channels) -> bool:
+  config = dict(_REQUIRED, **guess)
+  want = key_shapes(_Fields(config), image_size, channels)
+  return want == {k: tuple(s) for k, s in shapes.items()}
+
+
+class _Fields(dict):
+  """A plain dict read like a ConfigDict (attribute and item access)."""
+  __getattr__ = dict.__getitem__
 
 
 # --------------------------------------------------------------------------------------------
