@@ -48,6 +48,7 @@ import datetime
 import hashlib
 import os
 import pickle
+import re
 import sys
 from typing import Callable, Dict, Mapping, Optional
 
@@ -87,12 +88,11 @@ def load_checkpoint(path: str) -> dict:
   try:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise common.ConversionError(
         f"{path!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
-        f"({first[:160]}); we never unpickle checkpoints (that can run code). Re-save only its "
-        "tensors and plain values, e.g. torch.save({k: ckpt[k] for k in ('model', 'ema', "
-        "'step')}, 'clean.pth') in a trusted session.") from None
+        f"({_refused_object(e)}); we never unpickle checkpoints (that can run code). Re-save "
+        "only its tensors and plain values, e.g. torch.save({k: ckpt[k] for k in ('model', "
+        "'ema', 'step')}, 'clean.pth') in a session that trusts the file.") from None
   except (RuntimeError, EOFError, OSError) as e:
     raise common.ConversionError(f"{path!r} is not a readable PyTorch checkpoint "
                                  f"({type(e).__name__}: {str(e)[:160]}).") from None
@@ -102,6 +102,13 @@ def load_checkpoint(path: str) -> dict:
         f"{path!r} is not a RectifiedFlow training checkpoint: expected a dict with 'model' "
         f"(and 'ema', 'step'), found {found}.")
   return ckpt
+
+
+def _refused_object(error) -> str:
+  """The object torch's weights-only unpickler named, e.g. 'GLOBAL argparse.Namespace'."""
+  found = re.search(r"Unsupported (?:global|operand)[^:\n]*: (.+?)(?: was not.*)?$",
+                    str(error), re.MULTILINE)
+  return found.group(1).strip() if found else str(error).strip().splitlines()[0][:120]
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -324,7 +331,14 @@ def _main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax's per-file INFO lines; progress is printed
   flags = _FLAGS
   try:
-    convert(argv[1], argv[2], flags.config, weights=flags.weights)
+    config = flags.config.copy_and_resolve_references()  # loads it now
+  except OSError as e:  # config_flags loads the file lazily, relative to the current folder
+    print(f"error: --config could not be loaded ({str(e).splitlines()[-1].strip()}); run from "
+          f"the repository root (the default is {DEFAULT_CONFIG}) or pass "
+          "--config=<path to>/configs/cifar10_teacher.py:rf_teacher.", file=sys.stderr)
+    sys.exit(2)
+  try:
+    convert(argv[1], argv[2], config, weights=flags.weights)
   except (common.ConversionError, FileNotFoundError, config_checks.ConfigError,
           workdir_lock.WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr)  # a user error: one message, no traceback
