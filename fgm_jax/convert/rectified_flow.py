@@ -163,8 +163,10 @@ def sha256(path: str, chunk: int = 1 << 24) -> str:
 def teacher_config_for(base_config, shapes: Mapping[str, tuple]):
   """(config, inferred fields or None): ``base_config`` with the checkpoint's architecture."""
   from fgm_jax import config_checks
+  if config_checks.is_distill(base_config):  # a distill config names its teacher's config
+    base_config = base_config.teacher
   config = base_config.copy_and_resolve_references()
-  image_size, channels = _image_geometry(config)
+  image_size, _ = _image_geometry(config)
   arch = keys_lib.infer_architecture(shapes, image_size)
   with config.unlocked():
     config.job = "teacher"
