@@ -145,8 +145,6 @@ def sha256(path: str) -> str:
 
 def convert(src: str, out: str) -> Dict[str, str]:
   """Converts ``src`` (.pth) to ``out`` (safetensors); returns the metadata written."""
-  import safetensors.numpy
-
   variables = flax_variables(read_state_dict(src))
   digest = sha256(src)
   meta = {
@@ -155,13 +153,21 @@ def convert(src: str, out: str) -> Dict[str, str]:
       "source_sha256": digest,
       "official": str(digest.startswith(inception.FID_WEIGHTS_SHA256_PREFIX)).lower(),
   }
+  save_variables(variables, out, meta)
+  return meta
+
+
+def save_variables(variables, out: str, meta: Dict[str, str]) -> None:
+  """Writes Inception variables as the safetensors file ``inception.load_params`` reads
+  (also how tests and smoke runs store random weights: meta ``official`` 'false')."""
+  import safetensors.numpy
+
   flat = {common.path_str(p): np.ascontiguousarray(v)
           for p, v in common.flatten(variables).items()}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   tmp = out + ".tmp"  # renamed when complete: a crash never leaves a plausible half file
-  safetensors.numpy.save_file(flat, tmp, metadata=meta)
+  safetensors.numpy.save_file(flat, tmp, metadata={"format": inception.FORMAT, **meta})
   os.replace(tmp, out)
-  return meta
 
 
 def main(argv: Iterable[str] = None) -> int:

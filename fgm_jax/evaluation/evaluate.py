@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -90,16 +91,29 @@ def evaluate(config, workdir):
   """eval.json: metrics of teacher N-step samples and (distill runs) FGM 1-step samples."""
   _, data_config = config_checks.architecture(config)
   evaluator_class = evaluators.evaluator_class(data_config)
-  if not evaluator_class.has_metric:
+  problem = evaluator_class.metric_problem(config.eval)
+  if problem:
     # Checked before restoring anything; a user error, so main prints it without a traceback.
     raise config_checks.ConfigError(
-        f"config.job='evaluate' for data.name={data_config.name!r} "
-        f"{evaluator_class.missing_metric}")
+        f"config.job='evaluate' for data.name={data_config.name!r} {problem}")
+  evaluator_class.check_files(config.eval)
   trainer, state = restore_latest(config, workdir)
   e = config.eval
   metrics, _, _ = measure(trainer, state, e, workdir)
   results = {"step": int(state.step), "num_samples": e.num_samples, **metrics}
   path = os.path.join(workdir, e.output)
   checkpoint.write_json(path, results)
+  write_scalars(workdir, int(state.step), metrics)
   print(json.dumps(results, indent=2))
   return results
+
+
+def write_scalars(workdir, step, metrics):
+  """The metrics as TensorBoard scalars 'eval/<set>/<metric>' in the run's event files."""
+  if jax.process_index() != 0:
+    return
+  from clu import metric_writers
+  writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+  writer.write_scalars(step, {f"eval/{name}/{k}": v for name, values in metrics.items()
+                              for k, v in values.items()})
+  writer.close()

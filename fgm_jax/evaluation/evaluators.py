@@ -4,6 +4,8 @@ An evaluator scores sample sets against its data and says how to show them:
 
     ev = evaluators.build(trainer, config.eval, workdir)
     ev.has_metric                  False where this data has no metric here (samples only)
+    cls.metric_problem(eval_config) -> why job=evaluate cannot score ('' if it can)
+    cls.check_files(eval_config)   reads the metric's files (weights, statistics) up front
     ev.metric(x, n) -> {name: value}; ev.real_floor(n) -> {name: value} or None
     ev.reference_panel() -> SampleSet of real data for the pictures, or None
     ev.picture                     'scatter' (2-D points) or 'grid' (images)
@@ -21,7 +23,7 @@ from fgm_jax import registry
 _REGISTRY = {
     "toy2d": "fgm_jax.evaluation.toy2d_evaluator:Toy2DEvaluator",
     "digits": "fgm_jax.evaluation.digits_evaluator:DigitsEvaluator",
-    "tfds": "fgm_jax.evaluation.samples_only:SamplesOnly",
+    "tfds": "fgm_jax.evaluation.fid_evaluator:FIDEvaluator",
 }
 
 
@@ -35,6 +37,15 @@ class Evaluator:
 
   def __init__(self, trainer, eval_config, workdir):
     self.trainer, self.eval_config, self.workdir = trainer, eval_config, workdir
+
+  @classmethod
+  def metric_problem(cls, eval_config) -> str:
+    del eval_config
+    return "" if cls.has_metric else cls.missing_metric
+
+  @classmethod
+  def check_files(cls, eval_config) -> None:
+    del eval_config
 
   def cache_dir(self, name: str) -> str:
     """Where derived artifacts (a feature classifier, reference statistics) are cached:
