@@ -27,6 +27,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytorch_fid", reason="pytorch-fid is in requirements-test.txt")
 
+import safetensors  # noqa: E402
 import safetensors.numpy  # noqa: E402
 
 from fgm_jax.convert import common  # noqa: E402
@@ -99,7 +100,7 @@ def test_converter_accounts_for_every_tensor(reference):
       kernel, np.transpose(state["Mixed_6b.branch7x7_2.conv.weight"].numpy(), (2, 3, 1, 0)))
   np.testing.assert_array_equal(variables["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"],
                                 state["Mixed_7c.branch_pool.bn.running_var"].numpy())
-  with __import__("safetensors").safe_open(out, framework="numpy") as f:
+  with safetensors.safe_open(out, framework="numpy") as f:
     meta = f.metadata()
   assert meta["format"] == inception.FORMAT and meta["official"] == "false"
 

@@ -28,7 +28,7 @@ import hashlib
 import os
 import pickle
 import sys
-from typing import Dict, Iterable, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -170,7 +170,7 @@ def save_variables(variables, out: str, meta: Dict[str, str]) -> None:
   os.replace(tmp, out)
 
 
-def main(argv: Iterable[str] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m fgm_jax.convert.inception",
       description="Convert pytorch-fid's FID Inception weights to safetensors for fgm_jax.")

@@ -52,7 +52,7 @@ FORMAT = "fgm_jax.fid_inception_v3/1"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_NAME)
-FID_WEIGHTS_SIZE = "about 95.6 MB (91 MiB)"
+FID_WEIGHTS_SIZE = "about 95.6 MB"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch hub names files by their sha256's first digits
 CONVERT_COMMAND = ("python -m fgm_jax.convert.inception " + FID_WEIGHTS_NAME
                    + " fid_inception.safetensors")
