@@ -30,8 +30,8 @@ class FIDEvaluator(evaluators.Evaluator):
     if f is None or not f.inception:
       return ("needs Inception-V3 weights for FID: convert pytorch-fid's "
               "pt_inception-2015-12-05-6726825d.pth with `python -m fgm_jax.convert.inception "
-              "<that file> inception_fid.safetensors` and pass "
-              "--config.eval.fid.inception=inception_fid.safetensors.")
+              "<that file> fid_inception.safetensors` and pass "
+              "--config.eval.fid.inception=fid_inception.safetensors.")
     if f.quantize not in fid.QUANTIZERS:
       return f"config.eval.fid.quantize={f.quantize!r}: expected one of {fid.QUANTIZERS}."
     if f.image_size < 75:
