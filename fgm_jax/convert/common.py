@@ -10,6 +10,9 @@ Params trees are nested dicts of arrays. A "flat" mapping uses tuple paths
 (``("blocks_0", "attn", "to_q", "kernel")``) as keys; ``path_str`` renders them with '/'.
 """
 
+import hashlib
+import pickle
+import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
@@ -93,6 +96,50 @@ def shape_tree(tree: Mapping[str, Any]) -> Dict[Path, Tuple[int, ...]]:
 
 class ConversionError(ValueError):
   """Raised when weights and the expected params tree disagree; lists every problem."""
+
+
+# ------------------------------------------------------------------- reading foreign files
+
+
+def sha256(path: str, chunk: int = 1 << 24) -> str:
+  """Hex sha256 of a file (provenance of converted weights)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def refused_object(error) -> str:
+  """The object torch's weights-only unpickler named, e.g. 'GLOBAL argparse.Namespace'."""
+  found = re.search(r"Unsupported (?:global|operand)[^:\n]*: (.+?)(?: was not.*)?$",
+                    str(error), re.MULTILINE)
+  return found.group(1).strip() if found else str(error).strip().splitlines()[0][:120]
+
+
+def load_torch_file(path: str, *, pickled_hint: str, unreadable_hint: str):
+  """``torch.load(path, map_location='cpu', weights_only=True)`` with one-line errors.
+
+  User files are never unpickled (that can run code): a file that weights_only refuses, or
+  that is not a torch file at all, raises ConversionError naming the refused object and the
+  caller's hint for the fix.
+  """
+  try:
+    import torch
+  except ImportError:
+    raise ConversionError("Converting a PyTorch file needs torch: pip install torch==2.13.0 "
+                          "(the CPU build is enough).") from None
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(
+        f"{path!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
+        f"({refused_object(e)}); we never unpickle user files (that can run code). "
+        f"{pickled_hint}") from None
+  except Exception as e:  # pylint: disable=broad-except  (truncated download, other format)
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    raise ConversionError(f"{path!r} is not a readable PyTorch file ({type(e).__name__}: "
+                          f"{first}). {unreadable_hint}") from None
 
 
 def fill_params(expected: Mapping[Path, Tuple[int, ...]],

@@ -24,9 +24,7 @@ comparable with published numbers.
 """
 
 import argparse
-import hashlib
 import os
-import pickle
 import sys
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -114,20 +112,12 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
         f"{path}: no such file. Give pytorch-fid's {inception.FID_WEIGHTS_NAME} "
         f"({inception.FID_WEIGHTS_SIZE}), from pytorch-fid's GitHub release 'fid_weights': "
         f"{inception.FID_WEIGHTS_URL}")
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise common.ConversionError(
-        f"{path} holds pickled Python objects beyond tensors, which torch.load("
-        f"weights_only=True) refuses to run ({first}); give a plain state dict such as "
-        f"pytorch-fid's {inception.FID_WEIGHTS_NAME}, or re-save yours with "
-        "torch.save(model.state_dict(), path).") from None
-  except Exception as e:  # not a torch file at all (truncated download, another format)
-    raise common.ConversionError(
-        f"{path} is not a readable PyTorch file ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}); a partial download? pytorch-fid's "
-        f"{inception.FID_WEIGHTS_NAME} is {inception.FID_WEIGHTS_SIZE}.") from None
+  state = common.load_torch_file(
+      path,
+      pickled_hint=f"Give a plain state dict such as pytorch-fid's {inception.FID_WEIGHTS_NAME}, "
+      "or re-save yours with torch.save(model.state_dict(), path).",
+      unreadable_hint=f"A partial download? pytorch-fid's {inception.FID_WEIGHTS_NAME} is "
+      f"{inception.FID_WEIGHTS_SIZE}.")
   if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
     raise common.ConversionError(
         f"{path} holds a {type(state).__name__}, not a state dict of tensors; give "
@@ -135,18 +125,10 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
-def sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def convert(src: str, out: str) -> Dict[str, str]:
   """Converts ``src`` (.pth) to ``out`` (safetensors); returns the metadata written."""
   variables = flax_variables(read_state_dict(src))
-  digest = sha256(src)
+  digest = common.sha256(src)
   meta = {
       "format": inception.FORMAT,
       "source_file": os.path.basename(src),

@@ -45,10 +45,7 @@ index -> our parameter path) is in ``fgm_jax/convert/rectified_flow_keys.py``'s 
 """
 
 import datetime
-import hashlib
 import os
-import pickle
-import re
 import sys
 from typing import Callable, Dict, Mapping, Optional
 
@@ -80,35 +77,17 @@ def load_checkpoint(path: str) -> dict:
   if not os.path.isfile(path):
     raise CheckpointFileError(f"RectifiedFlow checkpoint {path!r} does not exist; download it "
                               f"from {WHERE_TO_GET} and pass its path.")
-  try:
-    import torch
-  except ImportError:
-    raise common.ConversionError("Converting a PyTorch checkpoint needs torch: "
-                                 "pip install torch (the CPU build is enough).") from None
-  try:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise common.ConversionError(
-        f"{path!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
-        f"({_refused_object(e)}); we never unpickle checkpoints (that can run code). Re-save "
-        "only its tensors and plain values, e.g. torch.save({k: ckpt[k] for k in ('model', "
-        "'ema', 'step')}, 'clean.pth') in a session that trusts the file.") from None
-  except (RuntimeError, EOFError, OSError) as e:
-    raise common.ConversionError(f"{path!r} is not a readable PyTorch checkpoint "
-                                 f"({type(e).__name__}: {str(e)[:160]}).") from None
+  ckpt = common.load_torch_file(
+      path,
+      pickled_hint="Re-save only its tensors and plain values, e.g. torch.save({k: ckpt[k] for "
+      "k in ('model', 'ema', 'step')}, 'clean.pth') in a session that trusts the file.",
+      unreadable_hint="A partial download? The published checkpoint_8.pth is about 990 MB.")
   if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
     found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
     raise common.ConversionError(
         f"{path!r} is not a RectifiedFlow training checkpoint: expected a dict with 'model' "
         f"(and 'ema', 'step'), found {found}.")
   return ckpt
-
-
-def _refused_object(error) -> str:
-  """The object torch's weights-only unpickler named, e.g. 'GLOBAL argparse.Namespace'."""
-  found = re.search(r"Unsupported (?:global|operand)[^:\n]*: (.+?)(?: was not.*)?$",
-                    str(error), re.MULTILINE)
-  return found.group(1).strip() if found else str(error).strip().splitlines()[0][:120]
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -146,14 +125,6 @@ def ema_tensors(ckpt: Mapping, names, path: str = "the checkpoint") -> Dict[str,
         f"{path}: {len(bad)} EMA tensor(s) differ in shape from the parameter at the same "
         f"position ({listing}); the EMA does not belong to this model. Use --weights=model.")
   return dict(zip(names, shadow))
-
-
-def sha256(path: str, chunk: int = 1 << 24) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(chunk), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +245,7 @@ def convert(checkpoint_path: str, workdir: str, teacher_config, weights: str = "
   log(f"weights: {chose}; {count:,} parameters, {len(state)} tensors -> {leaves} of ours "
       "(q, k, v merged into qkv)")
 
-  digest = sha256(path)
+  digest = common.sha256(path)
   provenance = {
       "source": path, "sha256": digest, "size_bytes": os.path.getsize(path),
       "format": "RectifiedFlow / score_sde training checkpoint (torch.save dict)",
