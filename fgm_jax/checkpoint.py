@@ -1,9 +1,15 @@
 """orbax CheckpointManager wrappers: one manager per run, state + JSON metadata per step.
 
 A checkpoint is only visible once orbax has finalised it (it writes to a temporary folder and
-renames), so a run killed mid-save resumes from the previous complete step.
+renames), so a run killed mid-save resumes from the previous complete step. A complete step
+can still be damaged afterwards (a truncated copy to or from a bucket): ``read`` then raises
+``CheckpointCorruptError``, one line with the step, the path and the cause, and
+``set_aside`` moves such a step to ``checkpoints/corrupt-<step>``, where orbax no longer sees
+it. Reads involve no cross-process barrier, so in a multi-process run every process can try
+a step and the processes then agree on the outcome (train/loop.py).
 """
 
+import functools
 import json
 import os
 from typing import Optional
@@ -15,6 +21,23 @@ from etils import epath  # local paths and gs:// buckets alike (TPU pods)
 
 class CheckpointNotFoundError(FileNotFoundError):
   pass
+
+
+class CheckpointCorruptError(RuntimeError):
+  """A checkpoint whose files cannot be read; says which step, where, and why."""
+
+  def __init__(self, step: int, path: str, cause: str):
+    self.step, self.path, self.cause = step, path, cause
+    folder = os.path.dirname(path.rstrip("/"))
+    super().__init__(
+        f"checkpoint step {step} at {path} cannot be read ({cause}). It is not replaced by an "
+        f"older one silently: rerun training with this --workdir (it sets a damaged "
+        f"checkpoint aside and resumes from the previous one), or move it aside yourself "
+        f"(mv {path} {folder}/corrupt-{step}) to use the previous checkpoint.")
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose arrays have other shapes than this code builds."""
 
 
 def manager(directory: str, *, every: int = 1, keep: int = 3,
@@ -39,18 +62,86 @@ def abstract_with_shardings(abstract_tree, shardings):
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
   """(state, meta) of ``step``, placed as ``abstract_state``'s shardings say."""
-  restored = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return restored["state"], restored["meta"]
+  return read(str(mgr.directory), step, abstract_state)
+
+
+def step_path(directory: str, step: int) -> epath.Path:
+  return as_path(directory) / str(int(step))
+
+
+def read(directory: str, step: int, abstract_state):
+  """(state, meta) of ``step`` in ``directory``, read by this process alone.
+
+  Raises CheckpointCorruptError when the files cannot be read, CheckpointMismatchError when
+  they hold arrays of other shapes (a code change, not damage: nothing should be moved).
+  """
+  path = step_path(directory, step)
+  try:
+    state = _handler("state").restore(path / "state",
+                                      args=ocp.args.StandardRestore(abstract_state))
+    meta = _read_json(path)
+  except Exception as e:  # pylint: disable=broad-except
+    if _layout_differs(path / "state", abstract_state):
+      raise CheckpointMismatchError(
+          f"checkpoint step {step} at {path} holds arrays of other shapes than this code "
+          "builds for this config (was the model code changed?). Nothing was moved; use a "
+          "new --workdir, or the code version that wrote it.") from None
+    raise CheckpointCorruptError(step, str(path), _root_cause(e)) from e
+  return state, meta
+
+
+def _read_json(step_dir) -> dict:
+  return _handler("meta").restore(step_dir / "meta", args=ocp.args.JsonRestore())
+
+
+@functools.lru_cache(maxsize=None)
+def _handler(item: str):
+  """One orbax handler per item kind for the whole process: closing one after a failed read
+  leaves TensorStore callbacks aimed at a closed event loop."""
+  return ocp.StandardCheckpointHandler() if item == "state" else ocp.JsonCheckpointHandler()
+
+
+def _root_cause(error: BaseException) -> str:
+  """The first line of the innermost error (orbax wraps TensorStore's in generic ones)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _layout_differs(state_dir, abstract_state) -> bool:
+  """True when the saved arrays' shapes differ from ``abstract_state``'s; False when they
+  match or when the saved metadata is unreadable (damage, not a different layout)."""
+  try:
+    saved = _handler("state").metadata(state_dir)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  shapes = lambda tree: sorted(tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(tree))
+  return shapes(saved) != shapes(abstract_state)
 
 
 def read_meta(directory: str, step: Optional[int] = None) -> dict:
   """The JSON metadata of a checkpoint without restoring its arrays."""
-  mgr = ocp.CheckpointManager(as_path(directory))
-  step = mgr.latest_step() if step is None else step
+  step = latest_step(directory) if step is None else step
   if step is None:
     raise CheckpointNotFoundError(f"no complete checkpoint in {directory}.")
-  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  path = step_path(directory, step)
+  try:
+    return _read_json(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorruptError(step, str(path), _root_cause(e)) from e
+
+
+def set_aside(directory: str, step: int) -> str:
+  """Moves a damaged step to ``<directory>/corrupt-<step>`` (kept for inspection; orbax
+  ignores it); returns the new path."""
+  target = as_path(directory) / f"corrupt-{step}"
+  k = 2
+  while target.exists():
+    target = as_path(directory) / f"corrupt-{step}-{k}"
+    k += 1
+  step_path(directory, step).rename(target)
+  return str(target)
 
 
 def as_path(directory: str) -> epath.Path:
@@ -61,6 +152,13 @@ def as_path(directory: str) -> epath.Path:
 
 def checkpoint_dir(workdir: str) -> str:
   return str(as_path(workdir) / "checkpoints")
+
+
+def steps(directory: str) -> list:
+  """The complete steps in ``directory``, oldest first ([] when there is none)."""
+  if not as_path(directory).is_dir():
+    return []
+  return sorted(ocp.CheckpointManager(as_path(directory)).all_steps())
 
 
 def latest_step(directory: str) -> Optional[int]:

@@ -7,10 +7,21 @@ config.job picks what runs: 'teacher' or 'distill' train (resuming from --workdi
 writes eval.json; 'export' writes the one-step generator as a standalone folder; 'pipeline'
 (distill configs) trains the teacher, distils it, evaluates both and writes a report, all
 under --workdir.
+
+Multi-process runs (TPU pod slices, GPU clusters; every host runs the same command) connect
+first: --coordinator_address/--num_processes/--process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --multihost to let jax read TPU / SLURM / Open MPI /
+k8s settings; without either this is a one-process run.
+
+Exit status: 0 done; 1 a crash, or another process of the run failed (named on stderr);
+2 a problem with the inputs (config, files, workdir lock, an unreadable checkpoint), one
+line; 3 training diverged, one line naming the newest (finite) checkpoint; 143 (130 for
+Ctrl-C) stopped by SIGTERM after saving a checkpoint: rerun the same command to resume.
 """
 
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorBoard writer's TF start-up noise
 
@@ -22,8 +33,22 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize() (TPU pods, multi-node GPU).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Multi-process run whose peers jax finds by itself (TPU pod slices, "
+    "SLURM, Open MPI, k8s): calls jax.distributed.initialize() before anything else.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 of a multi-process run (default "
+    "$JAX_COORDINATOR_ADDRESS); needs --num_processes and --process_id too.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 .. num_processes-1 (default $JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Multi-process runs: seconds without a heartbeat after which a "
+    "process counts as dead (killed, host lost) and the others stop.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300, "Multi-process runs: seconds to wait for every process to "
+    "connect.")
 
 
 # config.job -> "module:function(config, workdir)", imported on use (a toy run never loads
@@ -59,23 +84,59 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _MULTIHOST.value:
-    import jax
-    jax.distributed.initialize()
+  from fgm_jax import distributed
+  try:
+    multiprocess = distributed.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value,
+        heartbeat_timeout_s=_HEARTBEAT.value, initialization_timeout_s=_INIT_TIMEOUT.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(distributed.EXIT_USAGE)
+  if multiprocess:
+    distributed.install_stop_handlers()  # a SIGTERM during start-up still stops cleanly
+  status, message = run_with_status(_CONFIG.value, _WORKDIR.value)
+  if multiprocess and status not in (0, 130, 143):
+    # The others may wait in a collective for this process forever: tell them and leave
+    # without jax's shutdown barrier.
+    distributed.exit_after_failure(status, message)
+  distributed.closing()
+  sys.exit(status)
+
+
+def run_with_status(config, workdir):
+  """Runs the job; returns (exit status, one-line error or ''), after printing the error."""
+  from fgm_jax import checkpoint
   from fgm_jax import config_checks
+  from fgm_jax import distributed
   from fgm_jax import workdir_lock
   from fgm_jax.convert import common as convert_common
+  from fgm_jax.train import loop
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, workdir)
+    return 0, ""
   except (config_checks.ConfigError, FileNotFoundError, workdir_lock.WorkdirLockedError,
-          convert_common.ConversionError) as e:
+          convert_common.ConversionError, checkpoint.CheckpointCorruptError,
+          checkpoint.CheckpointMismatchError) as e:
     # A user error (bad config value, missing checkpoint, dataset or weights file, a weight
-    # file of the wrong architecture or shapes, a workdir another run writes to), not a bug:
-    # one clear message, no traceback. CheckpointNotFoundError and the data sources'
+    # file of the wrong architecture or shapes, a workdir another run writes to, a damaged
+    # checkpoint that sample/evaluate will not replace by an older one), not a bug: one clear
+    # message, no traceback. CheckpointNotFoundError and the data sources'
     # DatasetNotFoundError are FileNotFoundErrors. Printed once (absl's log also goes to
     # stderr, so logging it as well would show it twice).
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return distributed.EXIT_USAGE, str(e).splitlines()[0]
+  except loop.TrainingDiverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return distributed.EXIT_DIVERGED, str(e)
+  except loop.TrainingStopped as e:
+    print(e, file=sys.stderr)
+    return e.exit_status, str(e)
+  except KeyboardInterrupt:  # a second Ctrl-C
+    print("interrupted", file=sys.stderr)
+    return 130, "interrupted"
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    return distributed.EXIT_ERROR, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from fgm_jax import distributed
 from fgm_jax import progress
 
 
@@ -43,6 +44,6 @@ def draw(fn, z: np.ndarray, chunk: int = 4096, multiple: int = 1, what: str = ""
     pad = (-len(part)) % multiple
     if pad:
       part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
-    out.append(np.asarray(fn(part))[:len(part) - pad])
+    out.append(distributed.to_host(fn(part))[:len(part) - pad])
     meter.advance(len(part) - pad)
   return np.concatenate(out)

@@ -33,6 +33,13 @@ def draw_times(rng, batch, cfg):
                           logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=cfg.shift)
 
 
+def state_finite(state):
+  """True when every floating-point number of ``state`` is finite: one fused reduction in the
+  step, read by the loop only on save and log steps (so a NaN is never checkpointed)."""
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _apply_updates(tx, grads, opt_state, params):
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
@@ -56,7 +63,8 @@ def teacher_step(state: TeacherState, batch, base_rng, *, model, tx, flow_cfg, e
   params, opt_state = _apply_updates(tx, grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=optim.ema_update(state.ema_params, params, ema_decay))
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                     "state_finite": state_finite(new_state)}
 
 
 def _generator_draws(rng, batch, shape, fgm_cfg, mesh):
@@ -110,7 +118,8 @@ def distill_step(state: DistillState, teacher_params, cond, base_rng, *, model, 
       gen_ema_params=optim.ema_update(state.gen_ema_params, gen_params, ema_decay),
       online_params=online_params, online_opt_state=online_opt_state)
   metrics = {"online_loss": jnp.mean(jnp.stack(online_losses)), "generator_loss": gen_loss,
-             "generator_grad_norm": optax.tree.norm(gen_grads)}
+             "generator_grad_norm": optax.tree.norm(gen_grads),
+             "state_finite": state_finite(new_state)}
   return new_state, metrics
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 
 from fgm_jax import checkpoint
+from fgm_jax import distributed
 from fgm_jax.evaluation import plots
 
 PLOT_SEED = 7  # fixed noise, so successive pictures show the same samples evolving
@@ -26,8 +27,11 @@ def _is_point_cloud(shape):
 
 
 def write(trainer, state, step: int, workdir: str, writer, n: int = 2000):
-  """samples_<step>.png in the workdir and an image summary in TensorBoard."""
+  """samples_<step>.png in the workdir and an image summary in TensorBoard. Every process
+  draws (sampling is a collective); process 0 writes."""
   image = picture(trainer, state, n)
+  if not distributed.is_writer():
+    return
   folder = checkpoint.as_path(workdir) / "plots"
   folder.mkdir(parents=True, exist_ok=True)
   upscale = 1 if _is_point_cloud(trainer.shape) else 4

@@ -1,0 +1,112 @@
+"""A run never saves a non-finite state, and a damaged newest checkpoint is set aside.
+
+Reproduces the two faults of issue 10 on the tiny toy teacher (in this process, through
+main's exit-status path): a learning rate that blows up, and a data file of the newest
+checkpoint truncated as an interrupted copy leaves it.
+"""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fgm_jax import checkpoint
+from fgm_jax import distributed
+from fgm_jax import main as main_lib
+from fgm_jax.evaluation import evaluate as evaluate_lib
+from fgm_jax.train import loop
+from tests import helpers
+
+
+def _all_finite(tree):
+  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def _read(config, workdir, step):
+  from fgm_jax import parallel
+  from fgm_jax.train import trainers
+  trainer = trainers.build(config, parallel.mesh_from_config(config.mesh))
+  target = checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.shardings)
+  state, _ = checkpoint.read(checkpoint.checkpoint_dir(workdir), step, target)
+  return jax.device_get(state)
+
+
+def _diverging_config():
+  c = helpers.tiny_teacher_config(num_steps=40, every=2)
+  c.optim.lr = 1e3  # ramps up over the warmup; Adam's moments overflow after ~10 steps
+  c.optim.warmup_steps = 50
+  c.optim.grad_clip = 0.0
+  c.log.every = 100
+  return c
+
+
+def test_diverging_run_saves_only_finite_checkpoints_and_resumes_from_the_newest(
+    tmp_path, capsys, caplog):
+  config, workdir = _diverging_config(), str(tmp_path)
+  status, _ = main_lib.run_with_status(config, workdir)
+  err = capsys.readouterr().err.strip()
+  assert status == distributed.EXIT_DIVERGED
+  assert len(err.splitlines()) == 1 and err.startswith("error: training diverged:"), err
+  steps = checkpoint.steps(checkpoint.checkpoint_dir(workdir))
+  newest = max(steps)
+  ckpt_path = os.path.join(workdir, "checkpoints", str(newest))
+  assert f"the newest checkpoint, step {newest} at {ckpt_path}, is finite" in err
+  diverged_at = int(err.split("non-finite by step ")[1].split(";")[0])
+  assert diverged_at == newest + 2 < config.num_steps  # the first save step after it
+  assert all(_all_finite(_read(config, workdir, s)) for s in steps)
+
+  # The same command again resumes from the newest checkpoint and stops at the same step.
+  caplog.set_level(logging.INFO)
+  with pytest.raises(loop.TrainingDiverged) as again:
+    loop.train(config, workdir, write_metrics=False, progress=False)
+  assert f"Resumed from the checkpoint of step {newest}." in caplog.text
+  assert f"non-finite by step {diverged_at};" in str(again.value)
+  assert checkpoint.steps(checkpoint.checkpoint_dir(workdir)) == steps
+
+
+def _truncate_data_file(step_dir):
+  """Cuts the arrays' data file (orbax merges every process's data into state/d/) in half."""
+  folder = os.path.join(step_dir, "state", "d")
+  largest = max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_truncated_newest_checkpoint_is_set_aside_and_training_resumes_from_the_previous(
+    tmp_path, capsys, caplog):
+  config = helpers.tiny_teacher_config(num_steps=30, every=10)
+  _, reference = loop.train(config, str(tmp_path / "reference"), write_metrics=False,
+                            progress=False)
+
+  workdir = str(tmp_path / "damaged")
+  short = helpers.tiny_teacher_config(num_steps=20, every=10)
+  loop.train(short, workdir, write_metrics=False, progress=False)
+  step_dir = os.path.join(workdir, "checkpoints", "20")
+  _truncate_data_file(step_dir)
+
+  # job=sample (and evaluate, export: the same restore) stops with one line; nothing moves.
+  sample = short.copy_and_resolve_references()
+  sample.job, sample.sample.num = "sample", 16
+  status, _ = main_lib.run_with_status(sample, workdir)
+  err = capsys.readouterr().err.strip()
+  assert status == distributed.EXIT_USAGE and len(err.splitlines()) == 1, err
+  assert err.startswith(f"error: checkpoint step 20 at {step_dir} cannot be read (")
+  assert os.path.isdir(step_dir) and not os.path.exists(os.path.join(workdir, "samples.npz"))
+
+  # Training sets it aside, says so in one line, and resumes from step 10.
+  caplog.set_level(logging.INFO)
+  _, state = loop.train(config, workdir, write_metrics=False, progress=False)
+  moved = os.path.join(workdir, "checkpoints", "corrupt-20")
+  assert f"Checkpoint step 20 at {step_dir} cannot be read (" in caplog.text
+  assert f"moved it to {moved}" in caplog.text
+  assert "Resumed from the checkpoint of step 10." in caplog.text
+  assert os.path.isdir(moved)
+  assert checkpoint.steps(checkpoint.checkpoint_dir(workdir)) == [10, 20, 30]
+  # ... and ends exactly where a run that never saw the damaged checkpoint ends.
+  _, restored = evaluate_lib.restore_latest(config, workdir)
+  for a, b, c in zip(*(jax.tree.leaves(jax.device_get(x)) for x in (reference, state, restored))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
