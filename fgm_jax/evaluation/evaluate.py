@@ -14,6 +14,7 @@ from absl import logging
 
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
+from fgm_jax import distributed
 from fgm_jax import export
 from fgm_jax import parallel
 from fgm_jax.evaluation import evaluators
@@ -58,6 +59,8 @@ def sample(config, workdir):
     trainer, state = restore_latest(config, workdir)
     samples = trainer.samples(state, s.num, s.seed, s.use_ema)
   path = os.path.join(workdir, s.output)
+  if not distributed.is_writer():  # every process drew the samples (a collective); one writes
+    return path
   np.savez(path, x=samples.x)
   logging.info("Wrote %d %s samples to %s (%.1f s).", len(samples.x), samples.label, path,
                time.time() - start)
@@ -102,6 +105,8 @@ def evaluate(config, workdir):
   metrics, _, _ = measure(trainer, state, e, workdir)
   results = {"step": int(state.step), "num_samples": e.num_samples, **metrics}
   path = os.path.join(workdir, e.output)
+  if not distributed.is_writer():  # every process measured (a collective); one writes
+    return results
   checkpoint.write_json(path, results)
   write_scalars(workdir, int(state.step), metrics)
   print(json.dumps(results, indent=2))
