@@ -1,15 +1,39 @@
 #!/bin/bash
-# All GPU checks of issue 4 in one device call (see experiments/results/speed.md):
-#   1. fgm_jax MM-DiT, SD3-Medium shape: forward, forward+backward (remat dots, none)
-#   2. same-card baseline: diffusers' PyTorch model, bf16 autocast, same shapes
-# Usage on the device machine (wheels for diffusers carried in .whl/):
-#   bash experiments/gpu_check.sh "$OUT"
+# GPU checks in one device call (see experiments/results/speed.md).
+#   bash experiments/gpu_check.sh "$OUT"          issue 4, MM-DiT:
+#     1. fgm_jax MM-DiT, SD3-Medium shape: forward, forward+backward (remat dots, none)
+#     2. same-card baseline: diffusers' PyTorch model, bf16 autocast, same shapes
+#   bash experiments/gpu_check.sh "$OUT" unet     issue 11, CIFAR-10 U-Net (bench_unet.py):
+#     FGM iteration bf16 at batch 128, 256 and one-step sampling at 1024 (with HLO of the
+#     batch-128 iteration and a profiler trace), then fp32 at 128, 256, then the teacher step
+#     bf16/fp32 at 128; a table of all rows at the end. About 8 minutes; rows are kept in
+#     unet.json as they finish, so a timeout keeps the ones that ran.
+# Wheels carried in .whl/: ml_collections (the configs need it; the image lacks it), and for
+# the MM-DiT baseline diffusers. Call with carry=[".whl"] and a timeout of 600 s.
 out=${1:-/tmp/gpu_check}
+what=${2:-mmdit}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$out/card.txt"
 date -u | tee -a "$out/card.txt"
 python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)" | tee -a "$out/card.txt"
+if [ "$what" = unet ]; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  fi
+  bench() {  # bench <timeout s> <bench_unet.py flags...>: every row appended to unet.json
+    timeout "$1" python3 experiments/bench_unet.py "${@:2}" --json="$out/unet.json" 2>&1 \
+      | tee -a "$out/unet.log" | grep -v "^W0000\|^I0000\|^|\|^$\|^U-Net\|^(The"
+  }
+  bench 300 --precision=bf16 --what=iteration,sample --batch=128,256 --sample_batch=1024 \
+    --hlo_dir=/tmp/unet_hlo --profile_dir=/tmp/unet_profile
+  bench 150 --precision=fp32 --what=iteration --batch=128,256
+  bench 100 --precision=bf16,fp32 --what=teacher --batch=128
+  gzip -c /tmp/unet_hlo/iteration_bf16_b128.hlo.txt >"$out/iteration_bf16_b128.hlo.txt.gz" 2>/dev/null
+  tar czf "$out/unet_profile.tgz" -C /tmp unet_profile 2>/dev/null
+  echo "=== fgm_jax U-Net ==="; python3 experiments/bench_unet.py --table="$out/unet.json"
+  exit 0
+fi
 timeout 330 python3 experiments/bench_mmdit.py --remat=dots,none --json="$out/jax.json" 2>&1 | tee "$out/jax.log" | grep -v "^W0000\|^I0000"
 if [ -z "$SKIP_TORCH" ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
