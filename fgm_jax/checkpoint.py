@@ -12,6 +12,7 @@ a step and the processes then agree on the outcome (train/loop.py).
 import functools
 import json
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -76,6 +77,7 @@ def read(directory: str, step: int, abstract_state):
   they hold arrays of other shapes (a code change, not damage: nothing should be moved).
   """
   path = step_path(directory, step)
+  _drop_closed_loop_noise()
   try:
     state = _handler("state").restore(path / "state",
                                       args=ocp.args.StandardRestore(abstract_state))
@@ -99,6 +101,26 @@ def _handler(item: str):
   """One orbax handler per item kind for the whole process: closing one after a failed read
   leaves TensorStore callbacks aimed at a closed event loop."""
   return ocp.StandardCheckpointHandler() if item == "state" else ocp.JsonCheckpointHandler()
+
+
+def _drop_closed_loop_noise():
+  """orbax reads the arrays in an asyncio loop that it closes at the first failed array;
+  TensorStore then reports every other array into the closed loop, which Python prints as
+  ~100 'Event loop is closed' tracebacks for one damaged checkpoint. They say nothing the
+  one CheckpointCorruptError line does not, so that exact error is dropped (once installed,
+  for the process; every other unraisable error still goes to the previous hook)."""
+  if getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_noise = True
+  sys.unraisablehook = hook
 
 
 def _root_cause(error: BaseException) -> str:

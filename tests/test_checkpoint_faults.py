@@ -1,12 +1,16 @@
-"""A run never saves a non-finite state, and a damaged newest checkpoint is set aside.
+"""A run never saves a non-finite state, a damaged newest checkpoint is set aside, and a
+SIGTERM'd run saves and exits 143.
 
 Reproduces the two faults of issue 10 on the tiny toy teacher (in this process, through
 main's exit-status path): a learning rate that blows up, and a data file of the newest
-checkpoint truncated as an interrupted copy leaves it.
+checkpoint truncated as an interrupted copy leaves it. (Two processes: test_multiprocess.py.)
 """
 
 import logging
 import os
+import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -110,3 +114,28 @@ def test_truncated_newest_checkpoint_is_set_aside_and_training_resumes_from_the_
   for a, b, c in zip(*(jax.tree.leaves(jax.device_get(x)) for x in (reference, state, restored))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_sigterm_saves_the_step_it_is_at_and_exits_143(tmp_path, capsys):
+  config = helpers.tiny_teacher_config(num_steps=100_000, every=50)
+  config.checkpoint.async_save = False
+  ckpt_dir = checkpoint.checkpoint_dir(str(tmp_path))
+
+  def terminate_after_first_checkpoint():
+    deadline = time.time() + 120
+    while not checkpoint.steps(ckpt_dir) and time.time() < deadline:
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, by the train loop
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=terminate_after_first_checkpoint, daemon=True).start()
+  status, _ = main_lib.run_with_status(config, str(tmp_path))
+  err = capsys.readouterr().err.strip()
+  assert status == 143, err
+  steps = checkpoint.steps(ckpt_dir)
+  stopped = max(steps)
+  assert 50 < stopped < config.num_steps  # the step it was at, saved on the way out
+  assert err == (f"stopped after step {stopped} (SIGTERM on process 0); saved "
+                 f"{os.path.join(ckpt_dir, str(stopped))}. Run the same command again to "
+                 "resume from it.")
+  assert signal.getsignal(signal.SIGTERM) is before  # the loop's handler is gone
