@@ -81,11 +81,14 @@ def fid():
   quantize: 'round' (EDM, StyleGAN) or 'truncate' (score_sde / RectifiedFlow's own FIDs).
   image_size: 299 is FID's; smaller sizes (>= 75) only make CPU smoke tests cheap.
   batch_size: global images per feature batch (split over the data devices).
+  every: during training, FID of what the run trains (generator, or the teacher with
+    config.sample.steps) every this many steps, from ``every_num`` samples; 0: off.
   """
   return ml_collections.ConfigDict(dict(
       inception=ml_collections.config_dict.placeholder(str),
       reference=ml_collections.config_dict.placeholder(str),
-      reference_split="train", quantize="round", image_size=299, batch_size=500))
+      reference_split="train", quantize="round", image_size=299, batch_size=500,
+      every=0, every_num=10_000))
 
 
 def runlocal(c, batch_size, samples=None):

@@ -13,7 +13,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -37,20 +36,19 @@ def test_rf_checkpoint_to_fid(tmp_path):
   rectified_flow.convert(ckpt.path, teacher_dir,
                          cifar10_teacher.get_config("rf_teacher,runlocal"), log=lambda _: None)
 
-  config = cifar10_fgm.get_config("rf_teacher,runlocal")
-  config.teacher.workdir = teacher_dir
-  fgm_dir = str(tmp_path / "cifar10_rf_fgm")
-  main_lib.run(config, fgm_dir)  # 3 FGM iterations
-
   weights = str(tmp_path / "inception_random.safetensors")
   convert_inception.save_variables(inception.init_params(0), weights, {"official": "false"})
-  config.job = "evaluate"
-  config.eval.num_samples = NUM_SAMPLES
-  config.eval.teacher_steps = (1, 4)
+  config = cifar10_fgm.get_config("rf_teacher,runlocal")
+  config.teacher.workdir = teacher_dir
   config.eval.fid.update(inception=weights, image_size=75, batch_size=128,
-                         reference_split="train")
+                         reference_split="train", every=3, every_num=NUM_SAMPLES)
   config.eval.classifier_dir = str(tmp_path / "cache")
+  fgm_dir = str(tmp_path / "cifar10_rf_fgm")
   with tfds.testing.mock_data(num_examples=128):
+    main_lib.run(config, fgm_dir)  # 3 FGM iterations, FID-128 of the generator at step 3
+    config.job = "evaluate"
+    config.eval.num_samples = NUM_SAMPLES
+    config.eval.teacher_steps = (1, 4)
     results = main_lib.run(config, fgm_dir)
 
   assert results["step"] == 3 and results["num_samples"] == NUM_SAMPLES
@@ -62,6 +60,22 @@ def test_rf_checkpoint_to_fid(tmp_path):
   with open(os.path.join(fgm_dir, "eval.json")) as f:
     assert json.load(f) == results
   assert os.path.isfile(os.path.join(tmp_path, "cache", "fid_stats_cifar10_train.npz"))
-  events = [f for f in os.listdir(fgm_dir) if f.startswith("events.out.tfevents")]
-  assert events, "eval scalars go to TensorBoard"
-  assert np.isfinite(list(fids.values())).all()
+  scalars = _tensorboard_scalars(fgm_dir)
+  # The training-time FID (same noise and sample count as the evaluation's FGM set) and the
+  # evaluation's scalars.
+  assert scalars[(3, f"fid{NUM_SAMPLES}/fgm_1step")] == pytest.approx(fids["fgm_1step"], 1e-6)
+  for k in sets:
+    assert scalars[(3, f"eval/{k}/fid")] == pytest.approx(fids[k], rel=1e-6)
+
+
+def _tensorboard_scalars(workdir):
+  import tensorflow as tf
+  found = {}
+  for name in os.listdir(workdir):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+      for v in event.summary.value:
+        found[(event.step, v.tag)] = float(tf.make_ndarray(v.tensor)) if v.HasField(
+            "tensor") else v.simple_value
+  return found

@@ -131,5 +131,5 @@ def test_cifar10_teacher_without_data_says_how_to_get_it(tmp_path):
 def test_cifar10_evaluate_stops_before_restoring(tmp_path):
   c = cifar10_fgm.get_config()
   c.job = "evaluate"
-  with pytest.raises(config_checks.ConfigError, match="needs FID with Inception-V3"):
+  with pytest.raises(config_checks.ConfigError, match="needs Inception-V3 weights for FID"):
     evaluate_lib.evaluate(c, str(tmp_path / "nothing_here"))

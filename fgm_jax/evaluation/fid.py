@@ -141,15 +141,18 @@ class FeatureExtractor:
     self.params = jax.device_put(params, sharding.replicated())
     self.devices = parallel.batch_device_count(sharding.mesh)
     self.batch_size = max(self.devices, batch_size - batch_size % self.devices)
-    fn = lambda p, x: inception.pool_features(p, x, image_size=image_size)
-    self._features = sharding.jit(fn, in_shardings=(sharding.replicated(), sharding.batch()),
+    self.image_size = image_size
+    # The module-level function (not a fresh closure) lets every extractor of a process share
+    # one compiled executable per shape: the training-time FID and job=evaluate compile once.
+    self._features = sharding.jit(inception.pool_features, static_argnums=2,
+                                  in_shardings=(sharding.replicated(), sharding.batch()),
                                   out_shardings=sharding.replicated())
 
   def features(self, images_uint8, what: str = "FID features") -> np.ndarray:
     images = np.asarray(images_uint8)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"FID needs uint8 NHWC RGB images, got {images.dtype} {images.shape}.")
-    run = lambda x: self._features(self.params, x)
+    run = lambda x: self._features(self.params, x, self.image_size)
     return sampling.draw(run, images, self.batch_size, self.devices, what=what)
 
   def stats(self, images_uint8, what: str = "FID features"):

@@ -137,6 +137,8 @@ def _train(config, workdir, mesh, write_metrics, progress):
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   prepare_workdir(config, workdir)
   trainer = trainers.build(config, mesh)
+  from fgm_jax.evaluation import evaluate  # evaluate imports this module
+  fid_hook = evaluate.TrainingFID.for_run(trainer, config, workdir)  # None unless asked
   ckpt = config.checkpoint
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   mgr = checkpoint.manager(ckpt_dir, every=ckpt.every, keep=ckpt.keep,
@@ -169,6 +171,8 @@ def _train(config, workdir, mesh, write_metrics, progress):
           last_saved = done
         if plot_every and (done % plot_every == 0 or done == total):
           visualize.write(trainer, state, done, workdir, writer)
+        if fid_hook is not None:
+          fid_hook(done, state, writer)
         if stopping:
           mgr.wait_until_finished()
           raise TrainingStopped(done, stop.reason, stop.exit_status,
