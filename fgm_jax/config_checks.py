@@ -187,7 +187,8 @@ def architecture(config):
 def compare_with_saved(config, saved: dict, workdir: str):
   """Stops when ``workdir`` holds a checkpoint from a config whose state would not fit."""
   prefix = "config.teacher" if is_distill(config) else "config"
-  diffs = _diff(saved.get("fingerprint", {}), fingerprint(config), prefix)
+  diffs = _diff(_without_free_fields(saved.get("fingerprint", {})), fingerprint(config),
+                prefix)
   if diffs:
     lines = "\n  ".join(diffs)
     raise ConfigError(
@@ -196,10 +197,21 @@ def compare_with_saved(config, saved: dict, workdir: str):
         f"(the saved config is {os.path.join(workdir, 'config.json')}).")
 
 
+# Fields that change how a state is computed or where data is read, not what the state
+# holds: a float32 teacher distils in bfloat16, a run moves to another data folder.
+NOT_IN_FINGERPRINT = {"model": ("dtype", "remat", "attention_impl"),
+                      "data": ("data_dir", "manual_dir")}
+
+
 def fingerprint(config) -> dict:
   model, data = architecture(config)
-  return {"kind": run_kind(config),
-          "model": model.to_dict(), "data": data.to_dict()}
+  return _without_free_fields({"kind": run_kind(config),
+                               "model": model.to_dict(), "data": data.to_dict()})
+
+
+def _without_free_fields(fp: dict) -> dict:
+  return {k: ({f: v for f, v in part.items() if f not in NOT_IN_FINGERPRINT.get(k, ())}
+              if isinstance(part, dict) else part) for k, part in fp.items()}
 
 
 def _diff(saved, current, prefix="config"):

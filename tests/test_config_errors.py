@@ -104,6 +104,22 @@ def test_workdir_from_incompatible_config(tmp_path, monkeypatch):
   assert "config.json" in msg
 
 
+def test_compute_only_fields_do_not_make_a_checkpoint_incompatible(tmp_path):
+  """A float32 teacher distils in bfloat16 (or with remat, or from another data folder);
+  a changed width is still refused. Old fingerprints that hold those fields still match."""
+  from configs import cifar10_fgm
+  saved = cifar10_fgm.get_config("rf_teacher")
+  meta = {"fingerprint": {**config_checks.fingerprint(saved),
+                          "model": saved.teacher.model.to_dict()}}  # as older runs saved it
+  c = cifar10_fgm.get_config("rf_teacher")
+  c.teacher.model.dtype, c.teacher.model.remat = "bfloat16", True
+  c.teacher.data.data_dir = "/elsewhere"
+  config_checks.compare_with_saved(c, meta, str(tmp_path))
+  c.teacher.model.model_channels = 64
+  with pytest.raises(config_checks.ConfigError, match="config.teacher.model.model_channels"):
+    config_checks.compare_with_saved(c, meta, str(tmp_path))
+
+
 def test_command_line_prints_one_clear_line(tmp_path):
   """Through the CLI: exit code 2, the message on stderr, no traceback."""
   proc = subprocess.run(
