@@ -63,7 +63,7 @@ def test_diverging_run_saves_only_finite_checkpoints_and_resumes_from_the_newest
   assert all(_all_finite(_read(config, workdir, s)) for s in steps)
 
   # The same command again resumes from the newest checkpoint and stops at the same step.
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl keeps its own level
   with pytest.raises(loop.TrainingDiverged) as again:
     loop.train(config, workdir, write_metrics=False, progress=False)
   assert f"Resumed from the checkpoint of step {newest}." in caplog.text
@@ -101,7 +101,7 @@ def test_truncated_newest_checkpoint_is_set_aside_and_training_resumes_from_the_
   assert os.path.isdir(step_dir) and not os.path.exists(os.path.join(workdir, "samples.npz"))
 
   # Training sets it aside, says so in one line, and resumes from step 10.
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # absl keeps its own level
   _, state = loop.train(config, workdir, write_metrics=False, progress=False)
   moved = os.path.join(workdir, "checkpoints", "corrupt-20")
   assert f"Checkpoint step 20 at {step_dir} cannot be read (" in caplog.text

@@ -37,7 +37,9 @@ def _assert_trees_close(a, b, rtol, atol):
 # --- (c) CIFAR-10 configs on mocked tfds data -------------------------------------------------
 
 
-def test_cifar10_runlocal_teacher_then_fgm(tmp_path):
+def test_cifar10_runlocal_teacher_on_mock_data(tmp_path):
+  # Distilling a CIFAR-10 teacher (cifar10_fgm.py) is covered end to end, with FID, by
+  # tests/test_cifar10_rf_fid.py; this is the teacher's tfds path.
   tfds = pytest.importorskip("tensorflow_datasets")
   teacher = cifar10_teacher.get_config("runlocal")
   config_checks.validate(teacher)
@@ -47,19 +49,9 @@ def test_cifar10_runlocal_teacher_then_fgm(tmp_path):
     _, t_state = loop.train(teacher, teacher_dir, write_metrics=False, progress=False)
   assert int(t_state.step) == teacher.num_steps
   assert checkpoint.latest_step(checkpoint.checkpoint_dir(teacher_dir)) == teacher.num_steps
-
-  fgm = cifar10_fgm.get_config("runlocal")
-  fgm.teacher.workdir = teacher_dir
-  config_checks.validate(fgm)  # now that the teacher checkpoint exists
-  trainer, state = loop.train(fgm, str(tmp_path / "fgm"), write_metrics=False, progress=False)
-  assert int(state.step) == fgm.num_steps
-  x = np.asarray(jax.jit(lambda p, z: trainer.model.apply({"params": p}, z, z[:, 0, 0, 0]))(
-      state.gen_params, np.zeros((8, 32, 32, 3), np.float32)))
-  assert x.shape == (8, 32, 32, 3) and np.all(np.isfinite(x))
-  # The generator moved away from its teacher initialisation.
-  moved = [np.max(np.abs(a - b)) for a, b in zip(_leaves(state.gen_params),
-                                                 _leaves(trainer.teacher_params(state)))]
-  assert max(moved) > 0
+  moved = [np.max(np.abs(a - b)) for a, b in zip(_leaves(t_state.params),
+                                                 _leaves(t_state.ema_params))]
+  assert all(np.isfinite(moved)) and max(moved) > 0  # trained, and the EMA lags behind
 
 
 def test_cifar10_configs_are_the_documented_ones():
@@ -100,9 +92,10 @@ def _compile_once(tmp_path_factory):
 
 
 def _unet_teacher_config():
-  """digits_teacher with an 8-channel two-level U-Net (attention at 4x4, dropout on)."""
+  """digits_teacher with an 8-channel one-level U-Net (attention at 8x8, dropout on): the
+  sharding and resume under test do not depend on depth, and one level compiles ~3x faster."""
   c = digits_teacher.get_config()
-  c.model = unet.tiny(model_channels=8, dropout=0.1)
+  c.model = unet.tiny(model_channels=8, dropout=0.1, channel_mult=(1,), attn_resolutions=(8,))
   c.batch_size = 16
   c.num_steps = STEPS
   c.checkpoint.every = STOP_AT

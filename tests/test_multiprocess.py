@@ -27,6 +27,9 @@ from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import trainers
 from tests import helpers
 
+# Its processes' collectives must not starve behind the other xdist worker (conftest.py).
+pytestmark = pytest.mark.alone
+
 TEACHER_STEPS, TEACHER_EVERY = 60, 20
 FGM_STEPS, FGM_EVERY = 40, 10
 LOG_EVERY = 10
