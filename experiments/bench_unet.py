@@ -201,18 +201,23 @@ def bench_iteration(args, batch, precision, mesh):
   trainer = trainers.DistillTrainer(config, mesh, teacher_params=teacher)
   state = trainer.init_state()
   step_args = (state, trainer.frozen_teacher, None, trainer.keys.distill_step)
-  flops = xla_flops(trainer._step.jitted, step_args, trainer.sharding)
   if args.hlo_dir:
     write_hlo(trainer._step.jitted, step_args, trainer.sharding,
               os.path.join(args.hlo_dir, f"iteration_{precision}_b{batch}.hlo.txt"))
+  return time_train_steps(args, trainer, step_args, "iteration", precision, batch)
+
+
+def time_train_steps(args, trainer, step_args, what, precision, batch):
+  """Compile time, median and pipelined step time, XLA FLOPs and a retrace flag for
+  ``trainer.train_step``, whose jitted function takes ``step_args``."""
+  flops = xla_flops(trainer._step.jitted, step_args, trainer.sharding)
   t0 = time.perf_counter()
-  state, _ = jax.block_until_ready(trainer.train_step(state, 0))
+  state, _ = jax.block_until_ready(trainer.train_step(step_args[0], 0))
   compile_s = time.perf_counter() - t0
   traces = dict(trainer.traces)
   step = lambda carry, i: trainer.train_step(carry[0], i)
   median, pipelined, _ = time_loop(step, (state, None), args.warmup, args.steps,
-                                   profile_dir=row_dir(args.profile_dir, "iteration", precision,
-                                                      batch))
+                                   profile_dir=row_dir(args.profile_dir, what, precision, batch))
   return dict(compile_s=compile_s, seconds=median, pipelined_s=pipelined, flops=flops,
               retraced=dict(trainer.traces) != traces)
 
@@ -224,19 +229,10 @@ def bench_teacher(args, batch, precision, mesh):
   trainer = SyntheticTeacherTrainer(config, mesh)
   state = trainer.init_state()
   example = jnp.zeros((batch,) + trainer.shape, jnp.float32)
-  flops = xla_flops(trainer._step.jitted, (state, example, trainer.keys.teacher_step),
-                    trainer.sharding)
-  t0 = time.perf_counter()
-  state, _ = jax.block_until_ready(trainer.train_step(state, 0))
-  compile_s = time.perf_counter() - t0
-  traces = dict(trainer.traces)
-  step = lambda carry, i: trainer.train_step(carry[0], i)
-  median, pipelined, _ = time_loop(step, (state, None), args.warmup, args.steps,
-                                   profile_dir=row_dir(args.profile_dir, "teacher", precision,
-                                                      batch))
+  row = time_train_steps(args, trainer, (state, example, trainer.keys.teacher_step), "teacher",
+                         precision, batch)
   trainer.close()
-  return dict(compile_s=compile_s, seconds=median, pipelined_s=pipelined, flops=flops,
-              retraced=dict(trainer.traces) != traces)
+  return row
 
 
 def bench_sample(args, batch, precision, mesh):
