@@ -8,7 +8,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 from absl import logging
 
@@ -93,13 +92,8 @@ def measure(trainer, state, eval_config, workdir):
 def evaluate(config, workdir):
   """eval.json: metrics of teacher N-step samples and (distill runs) FGM 1-step samples."""
   _, data_config = config_checks.architecture(config)
-  evaluator_class = evaluators.evaluator_class(data_config)
-  problem = evaluator_class.metric_problem(config.eval)
-  if problem:
-    # Checked before restoring anything; a user error, so main prints it without a traceback.
-    raise config_checks.ConfigError(
-        f"config.job='evaluate' for data.name={data_config.name!r} {problem}")
-  evaluator_class.check_files(config.eval)
+  require_metric(data_config, config.eval,
+                 f"config.job='evaluate' for data.name={data_config.name!r}")
   trainer, state = restore_latest(config, workdir)
   e = config.eval
   metrics, _, _ = measure(trainer, state, e, workdir)
@@ -113,12 +107,23 @@ def evaluate(config, workdir):
   return results
 
 
+def require_metric(data_config, eval_config, what: str) -> None:
+  """Stops with one line when ``what`` cannot be scored for this data (no metric here, a
+  missing or wrong weights / statistics file); checked before anything is restored or
+  compiled, a user error that main prints without a traceback."""
+  evaluator_class = evaluators.evaluator_class(data_config)
+  problem = evaluator_class.metric_problem(eval_config)
+  if problem:
+    raise config_checks.ConfigError(f"{what} {problem}")
+  evaluator_class.check_files(eval_config)
+
+
 def write_scalars(workdir, step, metrics):
-  """The metrics as TensorBoard scalars 'eval/<set>/<metric>' in the run's event files."""
-  if jax.process_index() != 0:
+  """The metrics as TensorBoard scalars 'eval/<set>/<metric>' in the run's event files
+  (process 0: the run's writer)."""
+  writer = loop.make_writer(workdir)
+  if writer is None:
     return
-  from clu import metric_writers
-  writer = metric_writers.create_default_writer(workdir, asynchronous=False)
   writer.write_scalars(step, {f"eval/{name}/{k}": v for name, values in metrics.items()
                               for k, v in values.items()})
   writer.close()
@@ -138,17 +143,14 @@ class TrainingFID:
     self.trainer, self.config = trainer, config
     self.every, self.num = config.eval.fid.every, config.eval.fid.every_num
     self.evaluator = evaluators.build(trainer, config.eval, workdir)
+    self.prefix = f"fid{self.num // 1000}k" if self.num % 1000 == 0 else f"fid{self.num}"
 
   @classmethod
   def for_run(cls, trainer, config, workdir):
     fid_config = config.get("eval", {}).get("fid")
     if not fid_config or not fid_config.every:
       return None
-    evaluator_class = evaluators.evaluator_class(trainer.data_config)
-    problem = evaluator_class.metric_problem(config.eval)
-    if problem:
-      raise config_checks.ConfigError(f"config.eval.fid.every={fid_config.every} {problem}")
-    evaluator_class.check_files(config.eval)
+    require_metric(trainer.data_config, config.eval, f"config.eval.fid.every={fid_config.every}")
     return cls(trainer, config, workdir)
 
   def __call__(self, step, state, writer):
@@ -156,7 +158,7 @@ class TrainingFID:
       return None
     s = self.trainer.samples(state, self.num, self.config.eval.seed)
     value = self.evaluator.metric(s.x, self.num)["fid"]
-    name = f"fid{self.num // 1000}k/{s.key}" if self.num % 1000 == 0 else f"fid{self.num}/{s.key}"
+    name = f"{self.prefix}/{s.key}"
     if writer is not None:
       writer.write_scalars(step, {name: value})
     logging.info("step %d: %s = %.3f", step, name, value)

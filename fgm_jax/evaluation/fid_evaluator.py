@@ -43,7 +43,7 @@ class FIDEvaluator(evaluators.Evaluator):
     """Reads the Inception weights and reference statistics once, so a wrong file stops the
     job before anything is compiled or sampled."""
     f = eval_config.fid
-    inception.load_params(f.inception)
+    inception.check_params_file(f.inception)
     if f.reference:
       fid.load_reference(f.reference)
 

@@ -373,14 +373,14 @@ def tree_problems(expected: Dict[Tuple[str, ...], Tuple[int, ...]],
   return lines
 
 
-def load_params(path: str) -> Dict[str, Any]:
-  """Variables from a file written by ``python -m fgm_jax.convert.inception``.
+def check_params_file(path: str) -> None:
+  """Checks a file written by ``python -m fgm_jax.convert.inception`` from its header alone
+  (format and every shape), without reading the 95 MB of weights.
 
   Raises InceptionWeightsNotFoundError for a missing file and common.ConversionError for a
   file that is not converted FID Inception weights (naming the first mismatching keys).
   """
   import safetensors
-  import safetensors.numpy
 
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -388,7 +388,7 @@ def load_params(path: str) -> Dict[str, Any]:
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       meta = f.metadata() or {}
-    flat = safetensors.numpy.load_file(path)
+      shapes = {tuple(k.split("/")): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
   except Exception as e:  # safetensors raises its own error types for non-safetensors bytes
     raise common.ConversionError(
         f"{path} is not a safetensors file ({type(e).__name__}: {e}). If it is pytorch-fid's "
@@ -397,10 +397,19 @@ def load_params(path: str) -> Dict[str, Any]:
     raise common.ConversionError(
         f"{path} holds {meta['format']!r}, not FID Inception weights ({FORMAT!r}); convert "
         f"pytorch-fid's {FID_WEIGHTS_NAME} with: {CONVERT_COMMAND}")
-  values = {tuple(k.split("/")): v for k, v in flat.items()}
-  problems = tree_problems(expected_shapes(), {p: v.shape for p, v in values.items()})
+  problems = tree_problems(expected_shapes(), shapes)
   if problems:
     raise common.ConversionError(
         f"{path} does not match the FID Inception-V3: " + " | ".join(problems)
         + f". Re-convert pytorch-fid's {FID_WEIGHTS_NAME} with: {CONVERT_COMMAND}")
-  return common.unflatten({p: np.asarray(v, np.float32) for p, v in values.items()})
+
+
+def load_params(path: str) -> Dict[str, Any]:
+  """Variables from a file written by ``python -m fgm_jax.convert.inception``, checked first
+  by ``check_params_file`` (same errors)."""
+  import safetensors.numpy
+
+  check_params_file(path)
+  flat = safetensors.numpy.load_file(os.fspath(path))
+  return common.unflatten({tuple(k.split("/")): np.asarray(v, np.float32)
+                           for k, v in flat.items()})

@@ -54,11 +54,10 @@ def prepare_workdir(config, workdir):
   """Checks that an existing checkpoint fits this config; writes config.json. Before compiling.
 
   Compares with the newest checkpoint whose metadata reads (a damaged one is set aside when
-  the state is restored); returns the newest step, or None.
+  the state is restored).
   """
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
-  steps = checkpoint.steps(ckpt_dir)
-  for step in reversed(steps):
+  for step in reversed(checkpoint.steps(ckpt_dir)):
     try:
       saved = checkpoint.read_meta(ckpt_dir, step)
     except checkpoint.CheckpointCorruptError:
@@ -70,7 +69,6 @@ def prepare_workdir(config, workdir):
     checkpoint.write_json(str(checkpoint.as_path(workdir) / "config.json"),
                           {"fingerprint": config_checks.fingerprint(config),
                            "config": config.to_dict()})
-  return steps[-1] if steps else None
 
 
 def make_writer(workdir, enabled=True):
