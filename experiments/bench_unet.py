@@ -200,7 +200,7 @@ def bench_iteration(args, batch, precision, mesh):
   teacher = random_params(layout.abstract_state.gen_params)
   trainer = trainers.DistillTrainer(config, mesh, teacher_params=teacher)
   state = trainer.init_state()
-  step_args = (state, trainer.frozen_teacher, None, trainer.keys.distill_step)
+  step_args = (state, trainer.frozen_teacher, None, trainer.keys.distill_step, None)
   if args.hlo_dir:
     write_hlo(trainer._step.jitted, step_args, trainer.sharding,
               os.path.join(args.hlo_dir, f"iteration_{precision}_b{batch}.hlo.txt"))

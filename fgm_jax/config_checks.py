@@ -104,6 +104,8 @@ def _check_teacher_checkpoint(teacher):
 def validate(config, device_count=None):
   """Raises ConfigError for the first unusable value. Cheap: no model is built."""
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
+  if is_sd3_distill(config):
+    return _check_sd3_fgm(config)
   if "sd3" in config:
     return _check_sd3(config)
   if is_distill(config):
@@ -160,6 +162,52 @@ def _check_sd3(config):
              "(the VAE's 8x downscale times the MM-DiT's 2x2 patches), e.g. 1024.")
 
 
+def _check_sd3_folder(config):
+  tiny = config.sd3.tiny_random  # :runlocal builds the folder when it is not given
+  _require(bool(config.sd3.folder) or tiny, "config.sd3.folder is not set; point it at a "
+           "local SD3 diffusers folder, e.g. "
+           "--config.sd3.folder=stable-diffusion-3-medium-diffusers.")
+  _require(config.sd3.dtype in ("float32", "bfloat16"),
+           f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
+
+
+def _check_sd3_fgm(config):
+  """SD3 FGM (configs/sd3_fgm.py): distill, sample (one step, or GenEval) and export."""
+  _require(config.job in ("distill", "sample", "export"),
+           f"config.job={config.job!r}: an SD3 FGM config runs 'distill', 'sample' or "
+           "'export' (prompt caches come from configs/sd3_prompts.py).")
+  _check_sd3_folder(config)
+  _require(bool(config.prompt_cache) or config.sd3.tiny_random or config.job != "distill",
+           "config.prompt_cache is not set; write one with --config=configs/sd3_prompts.py "
+           "(same sd3.folder) and pass --config.prompt_cache=<its workdir>.")
+  _check_fgm(config.fgm)
+  _require(config.fgm.t_star == 1.0,
+           f"config.fgm.t_star={config.fgm.t_star}: SD3 FGM uses t_star=1, the generator "
+           "x0 = z - v(z, 1, c), one Euler step of diffusers' scheduler (what the exported "
+           "pipeline runs).")
+  _require(config.fgm.guidance >= 1.0,
+           f"config.fgm.guidance={config.fgm.guidance} must be >= 1 (1: no guidance).")
+  for field in ("fgm.teacher_dtype", "teacher.model.dtype"):
+    value = config.fgm.teacher_dtype if field == "fgm.teacher_dtype" else \
+        config.teacher.model.dtype
+    _require(value in ("float32", "bfloat16"),
+             f"config.{field}={value!r}: choose 'float32' or 'bfloat16'.")
+  _require(config.resolution % 16 == 0 and config.resolution > 0,
+           f"config.resolution={config.resolution} must be a positive multiple of 16 (the "
+           "VAE's 8x downscale times the MM-DiT's 2x2 patches), e.g. 512.")
+  _check_optim(config.optim, "config.optim")
+  _check_optim(config.online_optim, "config.online_optim")
+  _check_mesh(config.mesh, config.teacher.model)
+  _check_batch(config.batch_size, _batch_devices(config))
+  _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
+  _require(config.checkpoint.every >= 1,
+           f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
+  s = config.sample
+  _require(s.batch_size >= 1 and s.num >= 0 and s.images_per_prompt >= 1,
+           f"config.sample: batch_size={s.batch_size}, images_per_prompt="
+           f"{s.images_per_prompt} must be >= 1 and num={s.num} >= 0.")
+
+
 def _batch_devices(config):
   mesh = config.mesh
   n = jax.device_count()
@@ -170,6 +218,11 @@ def _batch_devices(config):
 
 def is_distill(config) -> bool:
   return "teacher" in config and "fgm" in config
+
+
+def is_sd3_distill(config) -> bool:
+  """An SD3 FGM config: its teacher is an SD3 diffusers folder (configs/sd3_fgm.py)."""
+  return is_distill(config) and "sd3" in config
 
 
 def run_kind(config) -> str:

@@ -46,6 +46,9 @@ def export(config, workdir):
   from fgm_jax.convert import common
   from fgm_jax.evaluation import evaluate
 
+  if config_checks.is_sd3_distill(config):
+    from fgm_jax.sd3 import one_step
+    return one_step.export(config, workdir)
   model_config = config.teacher.model
   if models.example_cond(model_config, 1) is not None:
     raise config_checks.ConfigError(
@@ -53,7 +56,8 @@ def export(config, workdir):
         f"model.name={model_config.name!r} needs conditioning, whose export is not built yet.")
   trainer, state = evaluate.restore_latest(config, workdir)
   e = config.export
-  params = state.gen_ema_params if e.use_ema else state.gen_params
+  from fgm_jax.train import state as state_lib
+  params = state_lib.generator_params(state, e.use_ema)
   out = e.output or os.path.join(workdir, "generator")
   flat = {"/".join(path): np.asarray(x)
           for path, x in common.flatten(jax.device_get(params)).items()}

@@ -21,6 +21,7 @@ _REGISTRY = {
     "toy2d": "fgm_jax.data.toy2d:from_config",
     "digits": "fgm_jax.data.digits:from_config",
     "tfds": "fgm_jax.data.tfds_images:from_config",
+    "latents": "fgm_jax.data.latents:from_config",
 }
 _FIELD = "config.data.name"
 

@@ -46,6 +46,9 @@ def sample(config, workdir):
   ``workdir`` is a run, or a folder written by job=export (then only config.sample is read).
   An SD3 folder config (configs/sd3_teacher.py) samples text-to-image instead.
   """
+  if config_checks.is_sd3_distill(config):
+    from fgm_jax.sd3 import one_step
+    return one_step.sample(config, workdir)
   if "sd3" in config:
     from fgm_jax.sd3 import sampler
     return sampler.run(config, workdir)

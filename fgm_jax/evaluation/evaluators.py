@@ -24,6 +24,7 @@ _REGISTRY = {
     "toy2d": "fgm_jax.evaluation.toy2d_evaluator:Toy2DEvaluator",
     "digits": "fgm_jax.evaluation.digits_evaluator:DigitsEvaluator",
     "tfds": "fgm_jax.evaluation.fid_evaluator:FIDEvaluator",
+    "latents": "fgm_jax.evaluation.evaluators:LatentsEvaluator",
 }
 
 
@@ -70,6 +71,16 @@ class Evaluator:
 
   def title(self):
     return self.trainer.data_config.name
+
+
+class LatentsEvaluator(Evaluator):
+  """Text-to-image runs in a latent space (SD3 FGM): scored by GenEval, outside job=evaluate."""
+
+  has_metric = False
+  missing_metric = ("SD3 FGM runs are scored with GenEval: write its images with "
+                    "--config.job=sample --config.sample.geneval=<evaluation_metadata.jsonl>, "
+                    "score them with GenEval's evaluate_images.py and summarise with "
+                    "python -m fgm_jax.evaluation.geneval summary results.jsonl (BUILD.md).")
 
 
 def evaluator_class(data_config):

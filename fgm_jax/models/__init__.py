@@ -9,6 +9,7 @@ A model module may also define, and the trainers use when present:
   * ``LOGICAL_RULES`` (and ``TENSOR_LOGICAL_RULES``): its logical-axis -> mesh-axis rules, the
     default of ``config.mesh.rules``; models without logical names shard by shape.
   * ``example_cond(model_config, batch)``: dummy conditioning for init (models that need one).
+  * ``FROZEN_PARAMS``: top-level parameter groups loaded from checkpoints but never trained.
 """
 
 from fgm_jax import registry
@@ -44,3 +45,9 @@ def example_cond(model_config, batch: int):
   module = registry.module(_REGISTRY, model_config.name, _FIELD)
   fn = getattr(module, "example_cond", None)
   return None if fn is None else fn(model_config, batch)
+
+
+def frozen_params(model_config):
+  """Top-level parameter names the optimizers leave alone (e.g. MM-DiT's positional table)."""
+  module = registry.module(_REGISTRY, model_config.name, _FIELD)
+  return tuple(getattr(module, "FROZEN_PARAMS", ()))

@@ -131,30 +131,41 @@ def _conditioning(config, sd3, mesh):
   return prompts, lambda idx: encode([prompts[i] for i in idx]), (context[:1], pooled[:1])
 
 
-def run(config, workdir, mesh=None):
+def _setup(config, mesh, mmdit_params=None):
+  """(sd3, mesh, placed (MM-DiT, VAE) params, jitted sampler, latent shape) for
+  config.sample; ``mmdit_params`` replaces the folder's MM-DiT (a distilled generator)."""
+  from fgm_jax import parallel
+  s = config.sample
+  sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
+  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
+  sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model))
+  down = sd3.latent_downscale
+  shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
+  param_shardings = sd3_shardings(sd3, sharding)
+  mmdit_params = sd3.mmdit_params if mmdit_params is None else mmdit_params
+  # Placed once: the weights stay on the devices for every batch.
+  params = jax.device_put((mmdit_params, sd3.vae_params), param_shardings)
+  fn = _sampler(sd3, s.steps, s.guidance, sharding, param_shardings)
+  return sd3, mesh, params, fn, shape
+
+
+def run(config, workdir, mesh=None, mmdit_params=None):
   """job=sample for an SD3 config: <workdir>/images/<index>_seed<seed>.png and grid.png.
 
   Prompts come from a file (encoded here) or a prompt cache; each batch is padded to a
-  multiple of the data-parallel devices and split over them.
+  multiple of the data-parallel devices and split over them. ``mmdit_params``: sample with
+  these MM-DiT weights instead of the folder's (a distilled one-step generator).
   """
   from fgm_jax import parallel
   from fgm_jax.evaluation import plots
   from fgm_jax.sd3 import tiny
   config = tiny.resolve(config, workdir)
   s = config.sample
-  sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  sd3, mesh, (mmdit_params, vae_params), fn, shape = _setup(config, mesh, mmdit_params)
   prompts, encode, null = _conditioning(config, sd3, mesh)
   prompts = prompts[:s.num or None]
-  model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
-  sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model))
   multiple = parallel.batch_device_count(mesh)
-  down = sd3.latent_downscale
-  shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
-  param_shardings = sd3_shardings(sd3, sharding)
-  # Placed once: the weights stay on the devices for every batch.
-  mmdit_params, vae_params = jax.device_put((sd3.mmdit_params, sd3.vae_params), param_shardings)
-  fn = _sampler(sd3, s.steps, s.guidance, sharding, param_shardings)
   out_dir = os.path.join(workdir, "images")
   os.makedirs(out_dir, exist_ok=True)
   start, images = time.time(), []
@@ -179,6 +190,41 @@ def run(config, workdir, mesh=None):
                  rate, (len(prompts) - done) / rate)
   grid = plots.image_grid(np.concatenate(images)[:plots.GRID_IMAGES] * 2 - 1)
   plots.save_png(os.path.join(workdir, "grid.png"), grid)
-  print(f"wrote {len(prompts)} images to {out_dir} and {os.path.join(workdir, 'grid.png')}")
+  elapsed = time.time() - start
+  print(f"wrote {len(prompts)} images to {out_dir} and {os.path.join(workdir, 'grid.png')} "
+        f"({len(prompts) / elapsed:.2f} images/s, compilation included)")
   return out_dir
 
+
+def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None):
+  """GenEval's folder layout under <workdir>/geneval: config.sample.images_per_prompt images
+  per prompt of ``metadata_path``, prompts encoded here, resumable (evaluation/geneval.py)."""
+  from fgm_jax import parallel
+  from fgm_jax.evaluation import geneval as geneval_lib
+  from fgm_jax.sd3 import prompt_cache
+  s = config.sample
+  metadata = geneval_lib.read_metadata(metadata_path, limit=s.num or None)
+  sd3, mesh, (mmdit_params, vae_params), fn, shape = _setup(config, mesh, mmdit_params)
+  encode_ids = prompt_cache.sharded_encoder(sd3.encoders, mesh)
+  multiple = parallel.batch_device_count(mesh)
+  batch = -(-s.batch_size // multiple) * multiple  # one compiled shape, split evenly
+  null = tuple(np.asarray(a)[:1] for a in encode_ids(text.tokenize(sd3.encoders,
+                                                                   [""] * multiple)))
+
+  def sample_fn(prompts, noise_ids):
+    context, pooled = (np.asarray(a) for a in encode_ids(text.tokenize(sd3.encoders, prompts)))
+    noise = np.stack([initial_noise(s.seed, j, shape) for j in noise_ids])
+    null_cond = {"context": np.repeat(null[0], len(prompts), 0),
+                 "pooled": np.repeat(null[1], len(prompts), 0)}
+    _, x = fn(mmdit_params, vae_params, noise, {"context": context, "pooled": pooled},
+              null_cond)
+    return np.asarray(x)
+
+  out_dir = os.path.join(workdir, "geneval")
+  summary = geneval_lib.write_images(
+      metadata, out_dir, sample_fn, images_per_prompt=s.images_per_prompt, batch_size=batch,
+      seed=s.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      settings={"folder": os.path.abspath(config.sd3.folder), "steps": s.steps,
+                "guidance": s.guidance, "height": s.height, "width": s.width})
+  print(f"GenEval images in {out_dir}: {summary}")
+  return out_dir

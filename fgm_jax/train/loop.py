@@ -133,6 +133,7 @@ def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
 
 def _train(config, workdir, mesh, write_metrics, progress):
   mesh = mesh or parallel.mesh_from_config(config.mesh)
+  config = trainers.prepare(config, workdir)
   prepare_workdir(config, workdir)
   trainer = trainers.build(config, mesh)
   from fgm_jax.evaluation import evaluate  # evaluate imports this module

@@ -18,7 +18,21 @@ def learning_rate_schedule(optim_config):
       [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
-def make_optimizer(optim_config) -> optax.GradientTransformation:
+def make_optimizer(optim_config, frozen=()) -> optax.GradientTransformation:
+  """AdamW (with clipping and warm-up) from the config; top-level parameter groups named in
+  ``frozen`` (e.g. MM-DiT's fixed positional table) get zero updates and no optimizer state."""
+  tx = _adamw(optim_config)
+  if not frozen:
+    return tx
+
+  def labels(params):
+    # One label per top-level group (a prefix of the params tree), so logically boxed and
+    # plain trees get the same optimizer-state structure.
+    return {k: "frozen" if k in frozen else "trained" for k in params}
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _adamw(optim_config):
   parts = []
   if optim_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip))

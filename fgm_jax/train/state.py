@@ -17,7 +17,11 @@ class TeacherState:
 
 @struct.dataclass
 class DistillState:
-  """Generator (with EMA) and online flow; the frozen teacher lives outside the state."""
+  """Generator (with EMA) and online flow; the frozen teacher lives outside the state.
+
+  ``gen_ema_params`` is None when the run keeps no EMA (``optim.ema_decay == 0``): at SD3
+  scale a copy of the generator is 8 GB of device memory that would only equal its weights.
+  """
   step: jax.Array
   gen_params: Any
   gen_opt_state: Any
@@ -39,15 +43,28 @@ def teacher_state(params, tx) -> TeacherState:
                       opt_state=tx.init(params), ema_params=_copy(params))
 
 
-def distill_state(teacher_params, gen_tx, online_tx) -> DistillState:
-  """Generator and online flow both start as copies of the teacher (DESIGN.md §2)."""
-  gen = _copy(teacher_params)
-  online = _copy(teacher_params)
+def distill_state(teacher_params, gen_tx, online_tx, ema: bool = True) -> DistillState:
+  """Generator and online flow both start as copies of the teacher (DESIGN.md §2), in
+  float32 whatever the teacher's storage dtype (a bf16-held teacher still trains fp32 nets)."""
+  gen = _copy(teacher_params, jnp.float32)
+  online = _copy(teacher_params, jnp.float32)
   return DistillState(step=jnp.zeros((), jnp.int32), gen_params=gen,
-                      gen_opt_state=gen_tx.init(gen), gen_ema_params=_copy(teacher_params),
+                      gen_opt_state=gen_tx.init(gen),
+                      gen_ema_params=_copy(teacher_params, jnp.float32) if ema else None,
                       online_params=online, online_opt_state=online_tx.init(online))
 
 
-def _copy(tree):
+def generator_params(state: DistillState, use_ema: bool = True):
+  """The generator's EMA weights when asked for and kept, else its weights."""
+  if use_ema and state.gen_ema_params is not None:
+    return state.gen_ema_params
+  return state.gen_params
+
+
+def _copy(tree, dtype=None):
   # A real copy inside jit, so that donated buffers of the state never alias each other.
-  return jax.tree.map(lambda x: x + 0 if hasattr(x, "dtype") else x, tree)
+  def copy(x):
+    if not hasattr(x, "dtype"):
+      return x
+    return x.astype(dtype) if dtype is not None and x.dtype != dtype else x + 0
+  return jax.tree.map(copy, tree)

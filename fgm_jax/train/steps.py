@@ -75,12 +75,34 @@ def _generator_draws(rng, batch, shape, fgm_cfg, mesh):
   return z, eps, t
 
 
-def distill_step(state: DistillState, teacher_params, cond, base_rng, *, model, gen_tx,
-                 online_tx, fgm_cfg, batch_size, shape, ema_decay, mesh):
+def guided_teacher(model, teacher_params, cond, null_cond, guidance: float, mesh):
+  """The teacher's velocity (x, t) -> v, with classifier-free guidance when ``null_cond`` is
+  given: v(x, t, null) + w (v(x, t, c) - v(x, t, null)). ``null_cond`` has leading axis 1
+  (the one unconditional embedding) and is broadcast over the batch here."""
+  if null_cond is None or guidance == 1.0:
+    return velocity_fn(model, teacher_params, cond=cond)
+  batch = jax.tree.leaves(cond)[0].shape[0]
+  null = jax.tree.map(lambda u: parallel.constrain_batch(
+      jnp.broadcast_to(u, (batch,) + u.shape[1:]), mesh), null_cond)
+
+  def conditional(x, t, c):
+    return model.apply({"params": teacher_params}, x, t, c)
+
+  return flow.guided(conditional, cond, null, guidance)
+
+
+def _ema(ema_params, params, decay):
+  return None if ema_params is None else optim.ema_update(ema_params, params, decay)
+
+
+def distill_step(state: DistillState, teacher_params, cond, base_rng, null_cond=None, *,
+                 model, gen_tx, online_tx, fgm_cfg, batch_size, shape, ema_decay, mesh):
   """One FGM iteration: ``fgm_cfg.online_steps`` online-flow updates, then one generator update.
 
   ``cond``: None (unconditional, data-free), or a pytree of per-example conditioning with
   leading axis ``batch_size`` that all three networks see (e.g. prompt embeddings).
+  ``null_cond``: the unconditional embedding (leading axis 1); with it the teacher is guided
+  with scale ``fgm_cfg.guidance`` (text-to-image). Generator and online flow see ``cond``.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   t_star = fgm_cfg.t_star
@@ -103,7 +125,8 @@ def distill_step(state: DistillState, teacher_params, cond, base_rng, *, model, 
 
   z, eps, t = _generator_draws(jax.random.fold_in(rng, fgm_cfg.online_steps), batch_size,
                                shape, fgm_cfg, mesh)
-  teacher_v = net(teacher_params)
+  teacher_v = guided_teacher(model, teacher_params, cond, null_cond,
+                             fgm_cfg.guidance if null_cond is not None else 1.0, mesh)
   online_v = net(jax.lax.stop_gradient(online_params))
 
   def gen_loss_fn(params):
@@ -115,7 +138,7 @@ def distill_step(state: DistillState, teacher_params, cond, base_rng, *, model, 
                                              state.gen_params)
   new_state = state.replace(
       step=state.step + 1, gen_params=gen_params, gen_opt_state=gen_opt_state,
-      gen_ema_params=optim.ema_update(state.gen_ema_params, gen_params, ema_decay),
+      gen_ema_params=_ema(state.gen_ema_params, gen_params, ema_decay),
       online_params=online_params, online_opt_state=online_opt_state)
   metrics = {"online_loss": jnp.mean(jnp.stack(online_losses)), "generator_loss": gen_loss,
              "generator_grad_norm": optax.tree.norm(gen_grads),

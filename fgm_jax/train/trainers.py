@@ -111,7 +111,7 @@ class TeacherTrainer(Trainer):
 
   def __init__(self, config, mesh):
     super().__init__(config, mesh, model_config=config.model, teacher_config=config)
-    self.tx = optim.make_optimizer(config.optim)
+    self.tx = optim.make_optimizer(config.optim, models.frozen_params(config.model))
     self.boxed_state = self.sharding.eval_shape(self._init_boxed)
     self.shardings = self.sharding.shardings(self.boxed_state)
     self.param_shardings = self.shardings.params
@@ -159,14 +159,18 @@ class DistillTrainer(Trainer):
   ``cond_source`` (optional): a step-keyed source of conditioning rows (e.g. prompt
   embeddings, ``data.arrays.RowSource``); each iteration then draws one global batch of them
   and all three networks see it. Without one the step is data-free and unconditional.
+  ``null_cond`` (optional, leading axis 1): the unconditional embedding; with it the teacher
+  is guided with ``config.fgm.guidance``.
   """
 
-  def __init__(self, config, mesh, teacher_params=None, cond_source=None):
+  def __init__(self, config, mesh, teacher_params=None, cond_source=None, null_cond=None):
     teacher_config = _teacher_run_config(config)
     super().__init__(config, mesh, model_config=config.teacher.model,
                      teacher_config=teacher_config)
-    self.gen_tx = optim.make_optimizer(config.optim)
-    self.online_tx = optim.make_optimizer(config.online_optim)
+    frozen = models.frozen_params(config.teacher.model)
+    self.gen_tx = optim.make_optimizer(config.optim, frozen)
+    self.online_tx = optim.make_optimizer(config.online_optim, frozen)
+    self.teacher_dtype = config.fgm.teacher_dtype
     self.teacher_layout = TeacherTrainer(teacher_config, mesh)  # where its checkpoint goes
     boxed_teacher = self.teacher_layout.boxed_state.params
     boxed = self.sharding.eval_shape(self._state_from_teacher, boxed_teacher)
@@ -174,8 +178,10 @@ class DistillTrainer(Trainer):
     self.param_shardings = self.sharding.shardings(boxed_teacher)
     self.abstract_state = parallel.unbox(boxed)
     self._frozen_teacher = (None if teacher_params is None
-                            else jax.device_put(teacher_params, self.param_shardings))
+                            else self._place_teacher(teacher_params))
     self.cond_source = cond_source
+    self.null_cond = (None if null_cond is None
+                      else jax.device_put(null_cond, self.sharding.replicated()))
     self._conds = None
     self._init = self._jit("init", lambda p: parallel.unbox(self._state_from_teacher(p)),
                            in_shardings=(self.param_shardings,), out_shardings=self.shardings)
@@ -186,17 +192,25 @@ class DistillTrainer(Trainer):
                           batch_size=config.batch_size, shape=self.shape,
                           ema_decay=config.optim.ema_decay, mesh=mesh),
         in_shardings=(self.shardings, self.param_shardings, self.sharding.batch(),
-                      self.sharding.replicated()),
+                      self.sharding.replicated(), self.sharding.replicated()),
         out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
 
   def _state_from_teacher(self, teacher_params):
-    return state_lib.distill_state(teacher_params, self.gen_tx, self.online_tx)
+    return state_lib.distill_state(teacher_params, self.gen_tx, self.online_tx,
+                                   ema=self.config.optim.ema_decay > 0)
+
+  def _place_teacher(self, params):
+    """On the devices in ``config.fgm.teacher_dtype`` (bf16 halves a frozen SD3 teacher)."""
+    dtype = jax.numpy.dtype(self.teacher_dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
+    return jax.device_put(params, self.param_shardings)
 
   @property
   def frozen_teacher(self):
     """Restored once, kept out of the train state, passed to the step undonated."""
     if self._frozen_teacher is None:
-      self._frozen_teacher = restore_teacher_params(self.teacher_layout, self.config.teacher)
+      self._frozen_teacher = self._place_teacher(
+          restore_teacher_params(self.teacher_layout, self.config.teacher))
     return self._frozen_teacher
 
   def teacher_params(self, state=None):
@@ -214,7 +228,7 @@ class DistillTrainer(Trainer):
         self._conds = arrays.StepStream(self.cond_source, self.config.batch_size,
                                         jax.process_index(), jax.process_count())
       cond = parallel.global_batch(self._conds(step), self.mesh)
-    return self._step(state, self.frozen_teacher, cond, self.keys.distill_step)
+    return self._step(state, self.frozen_teacher, cond, self.keys.distill_step, self.null_cond)
 
   def close(self):
     if self._conds is not None:
@@ -223,7 +237,7 @@ class DistillTrainer(Trainer):
 
   def samples(self, state, n, seed, use_ema=True):
     """The one-step generator's samples."""
-    params = state.gen_ema_params if use_ema else state.gen_params
+    params = state_lib.generator_params(state, use_ema)
     fn = functools.partial(_generator_fn, model=self.model, t_star=self.config.fgm.t_star)
     return sampling.generator_set(self._draw("generator", fn, params, n, seed))
 
@@ -257,7 +271,19 @@ def restore_teacher_params(teacher_layout: TeacherTrainer, teacher_config):
   return teacher_layout.teacher_params(state, teacher_config.use_ema)
 
 
+def prepare(config, workdir):
+  """The config a run trains with: an SD3 FGM config gets its architecture from the SD3
+  folder (and, for ':runlocal', its tiny folder and prompt cache); others are unchanged."""
+  if config_checks.is_sd3_distill(config):
+    from fgm_jax.sd3 import distill
+    return distill.prepare(config, workdir)
+  return config
+
+
 def build(config, mesh, **kwargs):
+  if config_checks.is_sd3_distill(config) and not kwargs:
+    from fgm_jax.sd3 import distill
+    return distill.build_trainer(config, mesh)
   if config_checks.is_distill(config):
     return DistillTrainer(config, mesh, **kwargs)
   return TeacherTrainer(config, mesh)

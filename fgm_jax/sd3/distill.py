@@ -1,0 +1,163 @@
+"""MM-DiT-FGM: SD3's MM-DiT distilled by FGM into a one-step text-to-image generator.
+
+    python -m fgm_jax.main --config=configs/sd3_fgm.py --workdir=runs/sd3_fgm \\
+        --config.sd3.folder=stable-diffusion-3-medium-diffusers \\
+        --config.prompt_cache=runs/prompts          # written by configs/sd3_prompts.py
+
+The same FGM step as every other run (train/steps.distill_step), with conditioning:
+
+  * each iteration draws a global batch of prompt embeddings from the cache, keyed by step
+    (data.arrays.RowSource), so a resumed run sees the same prompts;
+  * the teacher is the folder's MM-DiT, frozen (held in ``config.fgm.teacher_dtype``) and
+    guided: v(x, t, null) + w (v(x, t, c) - v(x, t, null)), the null embedding from the cache;
+  * generator and online flow start as copies of it; the generator is one Euler step of
+    diffusers' scheduler from sigma = 1 to 0: x0 = z - v_theta(z, 1, c) (t* = 1), in latents.
+
+This module fills the architecture in from the folder (``prepare``) and builds the trainer
+(``build_trainer``), checking the inputs first: a cache whose embedding widths differ from the
+MM-DiT's, one without the unconditional embedding, an empty cache, a teacher folder of another
+model -- one line each, before anything compiles.
+"""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from fgm_jax import config_checks
+from fgm_jax.sd3 import text
+from fgm_jax.train import trainers
+
+TRANSFORMER_CLASS = "SD3Transformer2DModel"
+PIPELINE_CLASS = "StableDiffusion3Pipeline"
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def transformer_config(folder: str) -> dict:
+  """The folder's transformer/config.json, after checking that it is an SD3 MM-DiT."""
+  text.require_part(os.path.join(folder, "transformer", "config.json"), "transformer/")
+  index = os.path.join(folder, "model_index.json")
+  if os.path.isfile(index):
+    pipeline = _read_json(index).get("_class_name")
+    if pipeline != PIPELINE_CLASS:
+      raise config_checks.ConfigError(
+          f"config.sd3.folder={folder!r} is a {pipeline} folder, not an SD3 one "
+          f"({PIPELINE_CLASS}); point it at stable-diffusion-3-medium-diffusers or another "
+          "SD3 folder.")
+  cfg = _read_json(os.path.join(folder, "transformer", "config.json"))
+  if cfg.get("_class_name") != TRANSFORMER_CLASS:
+    raise config_checks.ConfigError(
+        f"config.sd3.folder={folder!r}: transformer/ holds a {cfg.get('_class_name')}, not an "
+        f"{TRANSFORMER_CLASS}; FGM here distils SD3's MM-DiT.")
+  return cfg
+
+
+def _architecture(transformer_cfg: dict) -> dict:
+  from fgm_jax.models import mmdit
+  return {k: (list(v) if isinstance(v, tuple) else v)
+          for k, v in ((k, transformer_cfg.get(k, d))
+                       for k, d in mmdit.DIFFUSERS_DEFAULTS.items())}
+
+
+def latent_downscale(folder: str) -> int:
+  """Image pixels per latent pixel: 2 per VAE level after the first (8 for SD3's VAE)."""
+  text.require_part(os.path.join(folder, "vae", "config.json"), "vae/")
+  levels = len(_read_json(os.path.join(folder, "vae", "config.json"))["block_out_channels"])
+  return 2 ** (levels - 1)
+
+
+def runlocal_cache(config, workdir) -> str:
+  """A prompt cache of the tiny folder's prompts in <workdir>/prompt_cache (:runlocal)."""
+  from fgm_jax.sd3 import prompt_cache
+  cache_dir = os.path.join(workdir, "prompt_cache")
+  if prompt_cache.is_cache(cache_dir) and prompt_cache.read_manifest(cache_dir).get("complete"):
+    return cache_dir
+  c = ml_collections.ConfigDict(dict(job="prompt_cache", seed=config.seed,
+                                     mesh=config.mesh.to_dict(), sd3=config.sd3.to_dict(),
+                                     prompts=config.prompts, batch_size=8, shard_size=2))
+  prompt_cache.write(c, cache_dir)
+  return cache_dir
+
+
+def prepare(config, workdir):
+  """The config with the folder's architecture in ``teacher.model`` and the latent shape in
+  ``teacher.data``; a ':runlocal' config also gets its tiny folder and prompt cache built."""
+  from fgm_jax.sd3 import tiny
+  config = tiny.resolve(config, workdir)
+  c = config.copy_and_resolve_references()
+  if not c.prompt_cache and c.sd3.tiny_random:
+    c.prompt_cache = runlocal_cache(c, workdir)
+  arch = _architecture(transformer_config(c.sd3.folder))
+  down = latent_downscale(c.sd3.folder)
+  with c.unlocked():
+    c.teacher.model.update(arch)
+    c.teacher.data.shape = (c.resolution // down, c.resolution // down, arch["in_channels"])
+  return c
+
+
+# --- the prompt cache as conditioning --------------------------------------------------------
+
+
+def load_conditioning(config):
+  """(rows, null): the cache's embeddings {'context', 'pooled'} and the unconditional pair
+  (leading axis 1), checked against the MM-DiT's widths."""
+  from fgm_jax.sd3 import prompt_cache
+  cache_dir = config.prompt_cache
+  if not cache_dir:
+    raise config_checks.ConfigError(
+        "config.prompt_cache is not set; write one with --config=configs/sd3_prompts.py "
+        "(same sd3.folder) and pass --config.prompt_cache=<its workdir>.")
+  manifest = prompt_cache.read_manifest(cache_dir)
+  if manifest.get("complete") and manifest.get("num_shards", 0) == 0:
+    raise config_checks.ConfigError(f"config.prompt_cache={cache_dir!r} holds no prompts; "
+                                    "rebuild it from a non-empty prompt file.")
+  if not os.path.isfile(os.path.join(cache_dir, prompt_cache.UNCOND)):
+    raise FileNotFoundError(
+        f"config.prompt_cache={cache_dir!r} has no {prompt_cache.UNCOND} (the empty prompt's "
+        "embedding, the CFG negative); rerun the prompt_cache job on it to finish it.")
+  rows, null = prompt_cache.load(cache_dir)
+  if len(rows["context"]) == 0:
+    raise config_checks.ConfigError(f"config.prompt_cache={cache_dir!r} holds no prompts; "
+                                    "rebuild it from a non-empty prompt file.")
+  model = config.teacher.model
+  widths = {"context": (rows["context"].shape[-1], model.joint_attention_dim,
+                        "joint_attention_dim"),
+            "pooled": (rows["pooled"].shape[-1], model.pooled_projection_dim,
+                       "pooled_projection_dim")}
+  for name, (have, want, field) in widths.items():
+    if have != want:
+      raise config_checks.ConfigError(
+          f"config.prompt_cache={cache_dir!r}: its {name} embeddings are {have} wide but the "
+          f"MM-DiT of {config.sd3.folder!r} expects {field}={want}; build the cache from the "
+          "same SD3 folder (configs/sd3_prompts.py).")
+  null = {k: np.asarray(v[:1]) for k, v in null.items()}
+  return rows, null
+
+
+def build_trainer(config, mesh):
+  """The DistillTrainer of an SD3 FGM run: teacher from the folder, prompts from the cache."""
+  from fgm_jax.convert import diffusers as dconv
+  from fgm_jax.data import arrays
+  rows, null = load_conditioning(config)
+  _, teacher_params = dconv.load_params(os.path.join(config.sd3.folder, "transformer"),
+                                        "mmdit")
+  return SD3DistillTrainer(config, mesh, teacher_params=teacher_params,
+                           cond_source=arrays.RowSource(rows, config.seed),
+                           null_cond=null if config.fgm.guidance != 1.0 else None)
+
+
+class SD3DistillTrainer(trainers.DistillTrainer):
+  """FGM on prompts; pictures come from job=sample (they need the VAE and the prompts)."""
+
+  def samples(self, state, n, seed, use_ema=True):
+    raise config_checks.ConfigError(
+        "SD3 FGM runs draw images with --config.job=sample (prompts -> one step -> VAE); "
+        "set config.log.plot_every=0 and config.eval.fid.every=0.")
+
+  def sample_sets(self, state, n, seed, teacher_steps):
+    return self.samples(state, n, seed)

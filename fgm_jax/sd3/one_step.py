@@ -1,0 +1,128 @@
+"""The distilled one-step SD3 generator: images (job=sample) and a diffusers folder (job=export).
+
+    python -m fgm_jax.main --config=configs/sd3_fgm.py --config.job=sample --workdir=RUN ...
+        -> RUN/images/<index>_seed<seed>.png, RUN/grid.png       (config.prompts)
+        -> RUN/geneval/00000/samples/0000.png ...                 (config.sample.geneval)
+    python -m fgm_jax.main --config=configs/sd3_fgm.py --config.job=export --workdir=RUN ...
+        -> RUN/diffusers/ (or config.export.output)
+
+The generator is x0 = z - v_theta(z, 1, c): one Euler step of diffusers' flow-match scheduler
+from sigma = 1 to 0 with the distilled MM-DiT and no guidance. So sampling is the teacher's
+sampler (sampler.py) with 1 step, guidance 1 and the generator's weights, and the exported
+folder is an ordinary SD3 folder whose transformer/ is the generator: diffusers'
+StableDiffusion3Pipeline runs it with num_inference_steps=1, guidance_scale=1.0.
+"""
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from fgm_jax import config_checks
+from fgm_jax import distributed
+
+EXPORT_NOTE = "fgm_jax.json"
+
+
+def restore_generator(config, workdir, use_ema=True):
+  """(prepared config, trainer, generator params on the host) of the newest checkpoint."""
+  from fgm_jax.evaluation import evaluate
+  from fgm_jax.train import state as state_lib
+  from fgm_jax.train import trainers
+  config = trainers.prepare(config, workdir)
+  trainer, state = evaluate.restore_latest(config, workdir)
+  params = jax.device_get(state_lib.generator_params(state, use_ema))
+  return config, trainer, int(state.step), params
+
+
+def sampling_config(config):
+  """The teacher-sampler config that runs the generator: 1 step, no guidance."""
+  s = config.sample
+  return ml_collections.ConfigDict(dict(
+      job="sample", seed=config.seed, mesh=config.mesh.to_dict(), sd3=config.sd3.to_dict(),
+      prompts=config.prompts,
+      sample=dict(num=s.num, steps=1, guidance=1.0, height=config.resolution,
+                  width=config.resolution, seed=s.seed, batch_size=s.batch_size,
+                  images_per_prompt=s.images_per_prompt)))
+
+
+def sample(config, workdir):
+  """job=sample: one-step images for config.prompts, or GenEval's layout."""
+  from fgm_jax.sd3 import sampler
+  if config.sample.geneval and jax.process_count() > 1:
+    raise config_checks.ConfigError(
+        "config.sample.geneval runs in one process (each GenEval folder is written by the "
+        "process that samples it); run it on one host.")
+  if not config.sample.geneval and not config.prompts and not config.sd3.tiny_random:
+    raise config_checks.ConfigError(
+        "config.prompts is not set; give a prompt file for job=sample "
+        "(--config.prompts=prompts.txt) or GenEval's metadata (--config.sample.geneval=...).")
+  start = time.time()
+  config, _, step, params = restore_generator(config, workdir, config.sample.use_ema)
+  print(f"one-step generator of step {step} restored ({time.time() - start:.1f} s)")
+  sconfig = sampling_config(config)
+  if config.sample.geneval:
+    return sampler.geneval(sconfig, workdir, config.sample.geneval, mmdit_params=params)
+  return sampler.run(sconfig, workdir, mmdit_params=params)
+
+
+def _link_or_copy(src, dst):
+  """Hard link (no extra disk for SD3's 10 GB of text encoders) where possible, else copy."""
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def write_pipeline_folder(teacher_folder, out, module, params, *, dtype="float32", note=None):
+  """``teacher_folder`` with transformer/ replaced by ``params`` (an MM-DiT of ``module``'s
+  architecture), written to ``out``. Built under a temporary name and renamed when complete."""
+  from fgm_jax.convert import diffusers as dconv
+  from fgm_jax.models import mmdit
+  tmp = out.rstrip("/") + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  for name in sorted(os.listdir(teacher_folder)):
+    src = os.path.join(teacher_folder, name)
+    if name == "transformer" or name == EXPORT_NOTE:
+      continue
+    if os.path.isdir(src):
+      shutil.copytree(src, os.path.join(tmp, name), copy_function=_link_or_copy)
+    else:
+      _link_or_copy(src, os.path.join(tmp, name))
+  dconv.save_params(os.path.join(tmp, "transformer"), "mmdit", mmdit.diffusers_config(module),
+                    params, dtype=jax.numpy.dtype(dtype))
+  with open(os.path.join(tmp, EXPORT_NOTE), "w") as f:
+    json.dump(note or {}, f, indent=2)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+  return out
+
+
+def export(config, workdir):
+  """job=export: the newest checkpoint's generator as a diffusers SD3 folder."""
+  e = config.export
+  _require_dtype(e.dtype)
+  config, trainer, step, params = restore_generator(config, workdir, e.use_ema)
+  out = e.output or os.path.join(workdir, "diffusers")
+  if not distributed.is_writer():
+    return out
+  note = {"format": "fgm_jax.sd3_one_step/1", "teacher_folder": os.path.abspath(
+      config.sd3.folder), "step": step, "weights": "ema" if e.use_ema else "raw",
+      "run": {"num_inference_steps": 1, "guidance_scale": 1.0},
+      "fgm": config.fgm.to_dict(), "resolution": config.resolution}
+  write_pipeline_folder(config.sd3.folder, out, trainer.model, params, dtype=e.dtype,
+                        note=note)
+  print(f"wrote {out}: a diffusers StableDiffusion3Pipeline folder; run it with "
+        "num_inference_steps=1, guidance_scale=1.0")
+  return out
+
+
+def _require_dtype(dtype):
+  if dtype not in ("float32", "bfloat16"):
+    raise config_checks.ConfigError(
+        f"config.export.dtype={dtype!r}: choose 'float32' or 'bfloat16' (half the files).")

@@ -1,0 +1,238 @@
+"""MM-DiT-FGM end to end on a tiny random SD3 folder built by diffusers/transformers (torch):
+prompt cache -> conditional FGM iterations with a CFG teacher -> one-step images -> export;
+the exported folder in diffusers' StableDiffusion3Pipeline (1 step, no CFG) reproduces our
+one-step sampler. Then: the conditional step on 8 devices equals 1 device, a SIGKILLed run
+resumes exactly, and bad inputs stop with one line before anything compiles."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fgm_jax import config_checks
+from fgm_jax import main as main_lib
+from fgm_jax import parallel
+from fgm_jax.convert import diffusers as dconv
+from fgm_jax.evaluation import evaluate as evaluate_lib
+from fgm_jax.sd3 import one_step
+from fgm_jax.sd3 import sampler
+from fgm_jax.sd3 import text
+from fgm_jax.train import loop
+from tests import helpers
+from tests import sd3_reference as ref
+
+torch = pytest.importorskip("torch")
+T5_LENGTH = 32
+STEPS, EVERY, KILL_AFTER = 24, 6, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_once(tmp_path_factory):
+  """The runs below share one FGM step program (same mesh) through the persistent cache."""
+  with helpers.compilation_cache(helpers.worker_cache_dir(tmp_path_factory)):
+    yield
+
+
+@pytest.fixture(scope="module")
+def inputs(sd3_tiny, tmp_path_factory):
+  """(teacher folder, prompt file, prompt cache) -- the cache written by the real job."""
+  from configs import sd3_prompts
+  folder, _ = sd3_tiny
+  root = tmp_path_factory.mktemp("sd3_fgm")
+  prompts = root / "prompts.txt"
+  prompts.write_text("\n".join(ref.PROMPT_TEXTS) + "\n")
+  c = sd3_prompts.get_config()
+  c.sd3.folder, c.prompts, c.sd3.t5_length = folder, str(prompts), T5_LENGTH
+  c.batch_size, c.shard_size = 8, 2
+  main_lib.run(c, str(root / "cache"))
+  return folder, str(prompts), str(root / "cache")
+
+
+def fgm_config(inputs, **overrides):
+  from configs import sd3_fgm
+  folder, prompts, cache = inputs
+  c = sd3_fgm.get_config("runlocal")
+  c.sd3.folder, c.prompts, c.prompt_cache = folder, prompts, cache
+  c.log.every = 1000  # only at the end: fewer device reads
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, tmp_path_factory):
+  """An uninterrupted STEPS-iteration run on the 8-device mesh (in this process)."""
+  workdir = str(tmp_path_factory.mktemp("fgm_a"))
+  config = fgm_config(inputs, num_steps=STEPS, **{"checkpoint.every": EVERY})
+  main_lib.run(config, workdir)
+  return config, workdir
+
+
+def _state(config, workdir, mesh=None):
+  from fgm_jax.train import trainers
+  config = trainers.prepare(config, workdir)
+  _, state = evaluate_lib.restore_latest(config, workdir, mesh)
+  return int(state.step), jax.device_get(state)
+
+
+def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
+    inputs, trained, tmp_path):
+  folder, _, _ = inputs
+  config, workdir = trained
+  _, teacher = dconv.load_params(os.path.join(folder, "transformer"), "mmdit")
+  _, _, step, gen = one_step.restore_generator(config, workdir)
+  assert step == STEPS
+  moved = max(float(np.max(np.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(gen), jax.tree.leaves(teacher)))
+  assert moved > 1e-6  # the generator trained (the loop stops on non-finite losses)
+  np.testing.assert_array_equal(gen["pos_embed"], teacher["pos_embed"])  # frozen table
+
+  sample = config.copy_and_resolve_references()
+  sample.job, sample.sample.num = "sample", 2
+  main_lib.run(sample, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
+      "00000_seed0.png", "00001_seed0.png"]
+
+  export = config.copy_and_resolve_references()
+  export.job, export.export.output = "export", str(tmp_path / "one_step")
+  main_lib.run(export, workdir)
+  _, exported = dconv.load_params(str(tmp_path / "one_step" / "transformer"), "mmdit")
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(gen)):
+    np.testing.assert_array_equal(a, b)  # fp32 export: the checkpoint's EMA-less weights
+
+  # Our one-step sampler (the checkpoint's generator) vs diffusers on the exported folder.
+  from diffusers import StableDiffusion3Pipeline
+  sd3 = sampler.load(folder, t5_length=T5_LENGTH)
+  prompts = ref.PROMPT_TEXTS[:2]
+  noise = np.stack([sampler.initial_noise(0, i, (8, 8, 4)) for i in range(2)])
+  context, pooled = text.encode_prompt(sd3.encoders, prompts)
+  cond = {"context": context, "pooled": pooled}
+  latents, images = sampler._sampler(sd3, 1, 1.0)(gen, sd3.vae_params, noise, cond, cond)
+  pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "one_step"))
+  kwargs = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, height=16,
+                width=16, max_sequence_length=T5_LENGTH,
+                latents=torch.from_numpy(noise).permute(0, 3, 1, 2))
+  with torch.no_grad():
+    want_latents = pipe(output_type="latent", **kwargs).images.permute(0, 2, 3, 1).numpy()
+    want_images = pipe(output_type="np", **kwargs).images
+  assert ref.max_rel_err(latents, want_latents) <= 1e-4
+  assert ref.max_rel_err(images, want_images) <= 1e-4
+  # The teacher's one step differs: the comparison sees the distilled weights.
+  teacher_latents, _ = sampler._sampler(sd3, 1, 1.0)(teacher, sd3.vae_params, noise, cond,
+                                                     cond)
+  assert ref.max_rel_err(teacher_latents, want_latents) > 1e-5
+  note = json.loads((tmp_path / "one_step" / "fgm_jax.json").read_text())
+  assert note["run"] == {"num_inference_steps": 1, "guidance_scale": 1.0}
+
+
+def test_conditional_step_on_one_device_equals_eight(inputs, trained, tmp_path):
+  config, workdir = trained
+  one = parallel.make_mesh(devices=jax.devices()[:1])
+  short = config.copy_and_resolve_references()
+  short.num_steps, short.checkpoint.every = 4, 4
+  loop.train(short, str(tmp_path / "one"), mesh=one, write_metrics=False, progress=False)
+  loop.train(short, str(tmp_path / "eight"), write_metrics=False, progress=False)
+  (_, a), (_, b) = _state(short, str(tmp_path / "one"), one), _state(short,
+                                                                     str(tmp_path / "eight"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=2e-5)
+
+
+def _complete_steps(ckpt_dir):
+  return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) \
+      else []
+
+
+def test_sigkilled_conditional_run_resumes_exactly(inputs, trained, tmp_path_factory):
+  config, workdir_a = trained
+  workdir = str(tmp_path_factory.mktemp("fgm_b"))
+  cmd = [sys.executable, "-m", "fgm_jax.main", "--config=configs/sd3_fgm.py:runlocal",
+         f"--workdir={workdir}", *helpers.overrides(config)]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=helpers.ROOT,
+             **helpers.compilation_cache_env(helpers.worker_cache_dir(tmp_path_factory)))
+  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline and not _complete_steps(ckpt_dir):
+      assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  killed_at = max(_complete_steps(ckpt_dir))
+  assert KILL_AFTER <= killed_at < STEPS
+  done = subprocess.run(cmd, cwd=helpers.ROOT, env=env, capture_output=True)
+  assert done.returncode == 0, done.stderr.decode()[-2000:]
+  (step_a, a), (step_b, b) = _state(config, workdir_a), _state(config, workdir)
+  assert step_a == step_b == STEPS
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+# --- bad inputs: one line each, before compiling ----------------------------------------------
+
+
+def _fake_cache(path, context_width=48, pooled_width=40, rows=2, uncond=True):
+  os.makedirs(path)
+  manifest = {"settings": {}, "complete": True, "num_shards": 1 if rows else 0}
+  with open(os.path.join(path, "cache.json"), "w") as f:
+    json.dump(manifest, f)
+  bits = lambda n: np.zeros((n, 5, context_width), np.uint16)
+  if rows:
+    np.savez(os.path.join(path, "shard-00000.npz"), context=bits(rows),
+             pooled=np.zeros((rows, pooled_width), np.float32), prompt=np.array(["a"] * rows),
+             index=np.arange(rows))
+  if uncond:
+    np.savez(os.path.join(path, "uncond.npz"), context=bits(1),
+             pooled=np.zeros((1, pooled_width), np.float32))
+  return str(path)
+
+
+def _fails(config, tmp_path, *needles):
+  start = time.time()
+  status, message = main_lib.run_with_status(config, str(tmp_path / "run"))
+  assert status == 2, message
+  assert "\n" not in message and all(n in message for n in needles), message
+  assert not os.path.isdir(tmp_path / "run" / "checkpoints")
+  assert time.time() - start < 20  # no FGM step was compiled (that takes longer here)
+
+
+def test_bad_inputs_stop_with_one_line(inputs, tmp_path):
+  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "narrow", context_width=7))
+  _fails(c, tmp_path / "a", "7 wide", "joint_attention_dim=48", "same SD3 folder")
+  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "nouncond", uncond=False))
+  _fails(c, tmp_path / "b", "uncond.npz", "CFG")
+  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "empty", rows=0))
+  _fails(c, tmp_path / "c", "holds no prompts")
+  other = tmp_path / "flux"
+  shutil.copytree(inputs[0], other)
+  (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+  _fails(fgm_config(inputs, **{"sd3.folder": str(other)}), tmp_path / "d", "FluxPipeline",
+         "not an SD3 one")
+  index = json.loads((tmp_path / "flux" / "transformer" / "config.json").read_text())
+  (other / "model_index.json").write_text(json.dumps({"_class_name":
+                                                     "StableDiffusion3Pipeline"}))
+  index["_class_name"] = "FluxTransformer2DModel"
+  (other / "transformer" / "config.json").write_text(json.dumps(index))
+  _fails(fgm_config(inputs, **{"sd3.folder": str(other)}), tmp_path / "e",
+         "FluxTransformer2DModel")
+  for field, value, needle in (("fgm.t_star", 0.5, "t_star=1"),
+                               ("fgm.guidance", 0.5, "must be >= 1"),
+                               ("resolution", 24, "multiple of 16")):
+    with pytest.raises(config_checks.ConfigError, match=needle):
+      config_checks.validate(fgm_config(inputs, **{field: value}))
