@@ -104,6 +104,21 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
       "00000_seed0.png", "00001_seed0.png"]
 
+  # GenEval's layout from the same generator: 2 prompts x 2 images, resumable.
+  from fgm_jax.evaluation import geneval
+  metadata = tmp_path / "metadata.jsonl"
+  lines = [json.dumps({"tag": "single_object", "include": [{"class": c, "count": 1}],
+                       "prompt": f"a photo of a {c}"}) for c in ("cat", "dog")]
+  metadata.write_text("\n".join(lines) + "\n")
+  sample.sample.geneval, sample.sample.images_per_prompt = str(metadata), 2
+  main_lib.run(sample, workdir)
+  out = os.path.join(workdir, "geneval")
+  assert geneval.check_folder(geneval.read_metadata(str(metadata)), out, 2)["incomplete"] == []
+  for k, line in enumerate(lines):
+    assert open(os.path.join(out, f"{k:05d}", "metadata.jsonl")).read() == line + "\n"
+    assert sorted(os.listdir(os.path.join(out, f"{k:05d}", "samples"))) == ["0000.png",
+                                                                           "0001.png"]
+
   export = config.copy_and_resolve_references()
   export.job, export.export.output = "export", str(tmp_path / "one_step")
   main_lib.run(export, workdir)
