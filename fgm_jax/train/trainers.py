@@ -281,7 +281,7 @@ def prepare(config, workdir):
 
 
 def build(config, mesh, **kwargs):
-  if config_checks.is_sd3_distill(config) and not kwargs:
+  if config_checks.is_sd3_distill(config):
     from fgm_jax.sd3 import distill
     return distill.build_trainer(config, mesh)
   if config_checks.is_distill(config):
