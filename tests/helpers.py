@@ -1,5 +1,6 @@
 """Small configs shared by the tests (tiny models, few steps)."""
 
+import contextlib
 import os
 
 from configs import toy2d_fgm  # the repository root is on sys.path (pyproject's pytest
@@ -52,3 +53,41 @@ def _flatten(d, prefix=""):
       yield from _flatten(v, f"{prefix}{k}.")
     else:
       yield f"{prefix}{k}", v
+
+
+@contextlib.contextmanager
+def compilation_cache(directory):
+  """Turns on JAX's persistent compilation cache in ``directory`` (every program cached).
+
+  Each trainer, job or loaded model jits fresh functions, so a test module that runs the same
+  network several times compiles the same XLA program again and again; on 2 loaded cores that
+  is most of its time. With the cache an identical program (same HLO, devices and flags)
+  compiles once. Tracing still happens, so trace counts and numerics are unchanged.
+  Subprocesses reuse it through ``compilation_cache_env(directory)``.
+  """
+  import jax
+  from jax._src import compilation_cache as cc  # reset_cache: pick up the new directory now
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(directory))
+  jax.config.update(keys[1], 0)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def compilation_cache_env(directory):
+  """Environment variables giving a subprocess the same persistent compilation cache."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(directory),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def worker_cache_dir(tmp_path_factory):
+  """One compilation-cache folder per pytest(-xdist) worker, shared by its modules."""
+  path = tmp_path_factory.getbasetemp() / "xla_cache"
+  path.mkdir(exist_ok=True)
+  return path

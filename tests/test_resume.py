@@ -16,7 +16,11 @@ from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import loop
 from tests import helpers
 
-TEACHER_STEPS, FGM_STEPS = 300, 200
+# Each run is killed once two checkpoints exist (the resume must pick the newest) and has
+# steps and checkpoints left to redo. Kept short: every checkpoint costs ~1.7 s on 8 fake CPU
+# devices, more than 50 toy steps.
+TEACHER_STEPS, TEACHER_EVERY, TEACHER_KILL = 160, 40, 80
+FGM_STEPS, FGM_EVERY, FGM_KILL = 120, 30, 60
 
 
 def _cmd(config_file, workdir, config):
@@ -24,10 +28,16 @@ def _cmd(config_file, workdir, config):
           f"--workdir={workdir}", *helpers.overrides(config)]
 
 
+_CACHE = {}  # the module's compilation-cache folder, for the subprocesses
+
+
 def _env():
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # same mesh as in-process
   env["PYTHONPATH"] = helpers.ROOT
+  # The killed and the resumed runs compile what the in-process run compiled: with the cache
+  # they start stepping at once (which also keeps the kill mid-run on a loaded machine).
+  env.update(helpers.compilation_cache_env(_CACHE["dir"]))
   return env
 
 
@@ -74,24 +84,30 @@ def _assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+  _CACHE["dir"] = helpers.worker_cache_dir(tmp_path_factory)
+  with helpers.compilation_cache(_CACHE["dir"]):
+    return _runs(tmp_path_factory)
+
+
+def _runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("resume")
-  teacher = helpers.tiny_teacher_config(num_steps=TEACHER_STEPS, every=50)
+  teacher = helpers.tiny_teacher_config(num_steps=TEACHER_STEPS, every=TEACHER_EVERY)
   teacher.checkpoint.async_save = True
   out = {"teacher_cfg": teacher}
   # Uninterrupted teacher (in this process, same 8-device mesh), and one killed after its
-  # step-100 checkpoint, then resumed, through the command line.
+  # step-80 checkpoint, then resumed, through the command line.
   loop.train(teacher, str(root / "teacher_a"), write_metrics=False, progress=False)
   killed_at = _run_and_kill(_cmd("configs/toy2d_teacher.py", root / "teacher_b", teacher),
-                            str(root / "teacher_b" / "checkpoints"), 100)
+                            str(root / "teacher_b" / "checkpoints"), TEACHER_KILL)
   out["teacher_killed_at"] = killed_at
   _run(_cmd("configs/toy2d_teacher.py", root / "teacher_b", teacher))
   out["teacher_a"] = _final_params(teacher, str(root / "teacher_a"))
   out["teacher_b"] = _final_params(teacher, str(root / "teacher_b"))
 
-  fgm = helpers.tiny_fgm_config(str(root / "teacher_a"), num_steps=FGM_STEPS, every=40)
+  fgm = helpers.tiny_fgm_config(str(root / "teacher_a"), num_steps=FGM_STEPS, every=FGM_EVERY)
   loop.train(fgm, str(root / "fgm_a"), write_metrics=False, progress=False)
   out["fgm_killed_at"] = _run_and_kill(_cmd("configs/toy2d_fgm.py", root / "fgm_b", fgm),
-                                       str(root / "fgm_b" / "checkpoints"), 80)
+                                       str(root / "fgm_b" / "checkpoints"), FGM_KILL)
   _run(_cmd("configs/toy2d_fgm.py", root / "fgm_b", fgm))
   out["fgm_a"] = _final_params(fgm, str(root / "fgm_a"))
   out["fgm_b"] = _final_params(fgm, str(root / "fgm_b"))
@@ -99,14 +115,14 @@ def runs(tmp_path_factory):
 
 
 def test_teacher_resumes_exactly_after_sigkill(runs):
-  assert 100 <= runs["teacher_killed_at"] < TEACHER_STEPS  # really killed mid-run
+  assert TEACHER_KILL <= runs["teacher_killed_at"] < TEACHER_STEPS  # really killed mid-run
   (step_a, a), (step_b, b) = runs["teacher_a"], runs["teacher_b"]
   assert step_a == step_b == TEACHER_STEPS
   _assert_same_state(a, b)
 
 
 def test_fgm_resumes_exactly_after_sigkill(runs):
-  assert 80 <= runs["fgm_killed_at"] < FGM_STEPS
+  assert FGM_KILL <= runs["fgm_killed_at"] < FGM_STEPS
   (step_a, a), (step_b, b) = runs["fgm_a"], runs["fgm_b"]
   assert step_a == step_b == FGM_STEPS
   _assert_same_state(a, b)

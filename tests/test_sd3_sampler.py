@@ -10,10 +10,20 @@ from fgm_jax import config_checks
 from fgm_jax import flow
 from fgm_jax.sd3 import sampler
 from fgm_jax.sd3 import text
+from tests import helpers
 from tests import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
 STEPS, GUIDANCE, T5_LENGTH = 4, 4.5, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_once(tmp_path_factory):
+  """Each sample job loads the models and jits them afresh: the jobs below (and the parity
+  test's sampler) share their identical text-encoder, MM-DiT and VAE programs through the
+  persistent compilation cache instead of compiling each one per job."""
+  with helpers.compilation_cache(helpers.worker_cache_dir(tmp_path_factory)):
+    yield
 
 
 @pytest.fixture(scope="module")
