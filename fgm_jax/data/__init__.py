@@ -20,6 +20,7 @@ from fgm_jax import registry
 _REGISTRY = {
     "toy2d": "fgm_jax.data.toy2d:from_config",
     "digits": "fgm_jax.data.digits:from_config",
+    "mnist5k": "fgm_jax.data.mnist5k:from_config",
     "tfds": "fgm_jax.data.tfds_images:from_config",
     "latents": "fgm_jax.data.latents:from_config",
 }

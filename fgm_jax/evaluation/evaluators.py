@@ -23,6 +23,7 @@ from fgm_jax import registry
 _REGISTRY = {
     "toy2d": "fgm_jax.evaluation.toy2d_evaluator:Toy2DEvaluator",
     "digits": "fgm_jax.evaluation.digits_evaluator:DigitsEvaluator",
+    "mnist5k": "fgm_jax.evaluation.mnist5k_evaluator:MNIST5kEvaluator",
     "tfds": "fgm_jax.evaluation.fid_evaluator:FIDEvaluator",
     "latents": "fgm_jax.evaluation.evaluators:LatentsEvaluator",
 }
