@@ -22,6 +22,7 @@ from fgm_jax.train import loop
 from configs import cifar10_fgm
 from configs import cifar10_teacher
 from configs import digits_teacher
+from tests import helpers
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
@@ -79,16 +80,8 @@ def _compile_once(tmp_path_factory):
   U-Net program would be compiled again for every run; on a loaded 2-core CPU that is most of
   this module's time. With the cache, identical programs compile once.
   """
-  from jax._src import compilation_cache  # reset_cache: pick up the new directory now
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(keys[1], 0)
-  compilation_cache.reset_cache()
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
+  with helpers.compilation_cache(helpers.worker_cache_dir(tmp_path_factory)):
+    yield
 
 
 def _unet_teacher_config():
