@@ -36,7 +36,7 @@ def get_config(variant=""):
   c.model = model()
   c.data = data_config()
   c.batch_size = 32
-  c.num_steps = 4000
+  c.num_steps = 3000
   c.flow = common.times()
   # As the digits teacher (configs/digits_teacher.py), with an EMA window (~500 steps) that
   # suits a run of a few thousand steps: a longer one still remembers the initialisation.
