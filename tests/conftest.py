@@ -104,6 +104,7 @@ FILE_SECONDS = {
     "test_mmdit_sharding.py": 26,
     "test_notebook.py": 23,
     "test_sd3_text.py": 21,
+    "test_mnist5k.py": 57,
 }
 DEFAULT_FILE_SECONDS = 15
 
