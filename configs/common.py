@@ -58,9 +58,11 @@ def times(time_sampler="uniform", t_min=0.0, t_max=1.0, logit_mean=0.0, logit_st
 def fgm(alpha=1.0, weighting="sid_norm", t_star=1.0):
   """FGM loss settings; the defaults are DESIGN.md's (uniform t in [0, 1], one online-flow
   update per generator update). guidance: the teacher's CFG scale in conditional runs (1: no
-  guidance); teacher_dtype: how the frozen teacher is held on the devices."""
+  guidance); teacher_dtype: how the frozen teacher is held on the devices; init_generator /
+  init_online: 'teacher' (DESIGN.md) or 'random' (the model's own init; ablations)."""
   return dict(alpha=alpha, weighting=weighting, t_star=t_star, online_steps=1, guidance=1.0,
-              teacher_dtype="float32", **times())
+              teacher_dtype="float32", init_generator="teacher", init_online="teacher",
+              **times())
 
 
 def evaluation(num_samples):

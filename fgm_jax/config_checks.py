@@ -88,6 +88,10 @@ def _check_fgm(fgm_cfg):
            "0 <= t_min < t_max <= 1.")
   _require(fgm_cfg.online_steps >= 1,
            f"config.fgm.online_steps={fgm_cfg.online_steps} must be >= 1.")
+  for field in ("init_generator", "init_online"):
+    value = fgm_cfg[field]
+    _require(value in ("teacher", "random"),
+             f"config.fgm.{field}={value!r}: choose 'teacher' (the default) or 'random'.")
 
 
 def _check_teacher_checkpoint(teacher):

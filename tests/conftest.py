@@ -88,7 +88,7 @@ FILE_SECONDS = {
     "test_mixed_precision.py": 100,
     "test_cifar10_rf_fid.py": 60,  # less since the eigenvalue Fréchet distance
     "test_sd3_prompt_cache.py": 90,
-    "test_sd3_fgm.py": 180,  # 212 s alone on a loaded machine
+    "test_sd3_fgm.py": 140,
     "test_unet.py": 80,
     "test_trainer_sharding.py": 67,
     "test_mmdit_parity.py": 64,

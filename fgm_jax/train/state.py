@@ -43,11 +43,14 @@ def teacher_state(params, tx) -> TeacherState:
                       opt_state=tx.init(params), ema_params=_copy(params))
 
 
-def distill_state(teacher_params, gen_tx, online_tx, ema: bool = True) -> DistillState:
+def distill_state(teacher_params, gen_tx, online_tx, ema: bool = True,
+                  online_params=None) -> DistillState:
   """Generator and online flow both start as copies of the teacher (DESIGN.md §2), in
-  float32 whatever the teacher's storage dtype (a bf16-held teacher still trains fp32 nets)."""
+  float32 whatever the teacher's storage dtype (a bf16-held teacher still trains fp32 nets).
+  ``teacher_params`` is the generator's start; ``online_params`` (default: the same) the
+  online flow's, for the initialisation ablations."""
   gen = _copy(teacher_params, jnp.float32)
-  online = _copy(teacher_params, jnp.float32)
+  online = _copy(teacher_params if online_params is None else online_params, jnp.float32)
   return DistillState(step=jnp.zeros((), jnp.int32), gen_params=gen,
                       gen_opt_state=gen_tx.init(gen),
                       gen_ema_params=_copy(teacher_params, jnp.float32) if ema else None,

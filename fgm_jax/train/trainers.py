@@ -64,11 +64,12 @@ class Trainer:
       self._data = data_lib.build(self.data_config, self.teacher_config.seed)
     return self._data
 
-  def _init_params_boxed(self):
+  def _init_params_boxed(self, rng=None):
     """Logically boxed parameters of a fresh model (the teacher's layout)."""
     batch = self.batch_devices  # a dummy batch the mesh can split
     cond = models.example_cond(self.model_config, batch)
-    return state_lib.init_params(self.model, self.keys.init, self.shape, cond, batch=batch)
+    rng = self.keys.init if rng is None else rng
+    return state_lib.init_params(self.model, rng, self.shape, cond, batch=batch)
 
   def _draw(self, name, fn, params, n, seed, chunk=4096):
     """Samples of ``fn(params, z)`` from the seed's noise; one jitted sampler per name."""
@@ -196,8 +197,17 @@ class DistillTrainer(Trainer):
         out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
 
   def _state_from_teacher(self, teacher_params):
-    return state_lib.distill_state(teacher_params, self.gen_tx, self.online_tx,
-                                   ema=self.config.optim.ema_decay > 0)
+    """Generator and online flow from the teacher (DESIGN.md), or -- for the initialisation
+    ablations, config.fgm.init_generator / init_online = 'random' -- from the model's own
+    random initialisation (distinct keys for the two)."""
+    f = self.config.fgm
+    start = {name: teacher_params if choice == "teacher" else self._init_params_boxed(
+        jax.random.fold_in(self.keys.init, tag))
+             for name, choice, tag in (("gen", f.init_generator, 1),
+                                       ("online", f.init_online, 2))}
+    return state_lib.distill_state(start["gen"], self.gen_tx, self.online_tx,
+                                   ema=self.config.optim.ema_decay > 0,
+                                   online_params=start["online"])
 
   def _place_teacher(self, params):
     """On the devices in ``config.fgm.teacher_dtype`` (bf16 halves a frozen SD3 teacher)."""
