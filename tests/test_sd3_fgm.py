@@ -30,7 +30,7 @@ from tests import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
 T5_LENGTH = 32
-STEPS, EVERY, KILL_AFTER = 24, 6, 6
+STEPS, EVERY, KILL_AFTER = 12, 4, 4
 
 
 @pytest.fixture(scope="module", autouse=True)
