@@ -142,14 +142,10 @@ def _check_sd3(config):
   prompt file, sizes."""
   _require(config.job in ("prompt_cache", "sample"),
            f"config.job={config.job!r}: an SD3 folder config runs 'prompt_cache' or 'sample'.")
-  tiny = config.sd3.tiny_random  # :runlocal builds both when they are not given
-  _require(bool(config.sd3.folder) or tiny, "config.sd3.folder is not set; point it at a "
-           "local SD3 diffusers folder, e.g. "
-           "--config.sd3.folder=stable-diffusion-3-medium-diffusers.")
-  _require(bool(config.prompts) or tiny, "config.prompts is not set; give a prompt file (one "
-           "prompt per line, or JSONL with a 'prompt' field): --config.prompts=prompts.txt.")
-  _require(config.sd3.dtype in ("float32", "bfloat16"),
-           f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
+  _check_sd3_folder(config)
+  _require(bool(config.prompts) or config.sd3.tiny_random, "config.prompts is not set; give a "
+           "prompt file (one prompt per line, or JSONL with a 'prompt' field): "
+           "--config.prompts=prompts.txt.")
   _require(config.sd3.t5_length >= 1, f"config.sd3.t5_length={config.sd3.t5_length} must be "
            ">= 1 (256 as diffusers; 77 as several peers truncate).")
   _check_mesh_shape(config.mesh)
@@ -191,9 +187,8 @@ def _check_sd3_fgm(config):
            "pipeline runs).")
   _require(config.fgm.guidance >= 1.0,
            f"config.fgm.guidance={config.fgm.guidance} must be >= 1 (1: no guidance).")
-  for field in ("fgm.teacher_dtype", "teacher.model.dtype"):
-    value = config.fgm.teacher_dtype if field == "fgm.teacher_dtype" else \
-        config.teacher.model.dtype
+  for field, value in (("fgm.teacher_dtype", config.fgm.teacher_dtype),
+                       ("teacher.model.dtype", config.teacher.model.dtype)):
     _require(value in ("float32", "bfloat16"),
              f"config.{field}={value!r}: choose 'float32' or 'bfloat16'.")
   _require(config.resolution % 16 == 0 and config.resolution > 0,
