@@ -5,8 +5,11 @@ Must run before anything imports jax.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from tests import xla_flags  # noqa: E402  (imports nothing)
+
+# Unoptimised LLVM: compiling is most of the suite's time (tests/xla_flags.py).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                           xla_flags.for_devices(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import contextlib  # noqa: E402

@@ -18,6 +18,7 @@ import pytest
 from fgm_jax import data as data_lib
 from fgm_jax.data import mnist5k
 from tests import helpers
+from tests import xla_flags
 
 
 
@@ -153,7 +154,7 @@ def test_runlocal_pipeline_reports_mnist5k_fd(classifier, tmp_path):
   # Through the real command line, in a process of its own: one device and unoptimised XLA
   # compile the U-Net's programs in half the time of this process's 8 fake devices.
   _, cache_dir, _, _ = classifier
-  env = dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=xla_flags.OPTIMISATION)
   proc = subprocess.run(
       [sys.executable, "-m", "fgm_jax.main", "--config=configs/mnist_fgm.py:runlocal",
        f"--workdir={tmp_path}", f"--config.eval.classifier_dir={cache_dir}"],

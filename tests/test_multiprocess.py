@@ -26,6 +26,7 @@ from fgm_jax import parallel
 from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import trainers
 from tests import helpers
+from tests import xla_flags
 
 # Its processes' collectives must not starve behind the other xdist worker (conftest.py).
 pytestmark = pytest.mark.alone
@@ -51,7 +52,7 @@ class TwoProcesses:
   def __init__(self, root, name, config_file, workdir, config, per_process=((), ())):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=helpers.ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=xla_flags.for_devices(4))  # compiled as the in-process reference
     # A relaunch compiles what the first launch compiled: it reads process 0's cache entries
     # (jax writes them from process 0 only), so the module spends less time running alone.
     env.update(helpers.compilation_cache_env(root / "xla_cache"))
@@ -208,8 +209,11 @@ def _assert_same_losses(logged, reference, steps):
   for step in steps:
     ref = reference[step]
     assert set(logged[step]) == set(ref), (logged[step], ref)
-    for k, v in ref.items():  # the log prints 6 significant digits; sums differ in order
-      np.testing.assert_allclose(logged[step][k], v, rtol=2e-5, atol=1e-6,
+    # The log prints 6 significant digits, and gloo sums in another order: the FGM generator's
+    # small gradient norm was seen 6.6e-5 apart (tests/xla_flags.py's unoptimised code). A
+    # replayed or mis-keyed step moves these by percents.
+    for k, v in ref.items():
+      np.testing.assert_allclose(logged[step][k], v, rtol=2e-4, atol=1e-6,
                                  err_msg=f"{k} at step {step}")
 
 

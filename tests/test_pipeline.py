@@ -14,6 +14,7 @@ from fgm_jax import main as main_lib
 from fgm_jax import pipeline
 from fgm_jax.evaluation import evaluate as evaluate_lib
 from tests import helpers
+from tests import xla_flags
 
 from configs import cifar10_fgm
 from configs import digits_fgm
@@ -99,7 +100,7 @@ def _cli(tmp_path, *args):
   env = dict(os.environ)
   env["PYTHONPATH"] = helpers.ROOT
   # Only the error matters here: unoptimised XLA compiles the tiny U-Net several times faster.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["XLA_FLAGS"] = xla_flags.OPTIMISATION
   env["TFDS_DATA_DIR"] = str(tmp_path / "no_tfds_data")
   return subprocess.run([sys.executable, "-m", "fgm_jax.main", *args], cwd=helpers.ROOT,
                         env=env, capture_output=True, text=True, timeout=600)

@@ -15,6 +15,7 @@ from fgm_jax import checkpoint
 from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import loop
 from tests import helpers
+from tests import xla_flags
 
 # Each run is killed once two checkpoints exist (the resume must pick the newest) and has
 # steps and checkpoints left to redo. Kept short: every checkpoint costs ~1.7 s on 8 fake CPU
@@ -33,7 +34,7 @@ _CACHE = {}  # the module's compilation-cache folder, for the subprocesses
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # same mesh as in-process
+  env["XLA_FLAGS"] = xla_flags.for_devices(8)  # same mesh and compilation as in-process
   env["PYTHONPATH"] = helpers.ROOT
   # The killed and the resumed runs compile what the in-process run compiled: with the cache
   # they start stepping at once (which also keeps the kill mid-run on a loaded machine).

@@ -26,6 +26,7 @@ from fgm_jax.sd3 import sampler
 from fgm_jax.sd3 import text
 from fgm_jax.train import loop
 from tests import helpers
+from tests import xla_flags
 from tests import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
@@ -184,7 +185,7 @@ def test_sigkilled_conditional_run_resumes_exactly(inputs, trained, tmp_path_fac
   workdir = str(tmp_path_factory.mktemp("fgm_b"))
   cmd = [sys.executable, "-m", "fgm_jax.main", "--config=configs/sd3_fgm.py:runlocal",
          f"--workdir={workdir}", *helpers.overrides(config)]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags.for_devices(8),
              PYTHONPATH=helpers.ROOT,
              **helpers.compilation_cache_env(helpers.worker_cache_dir(tmp_path_factory)))
   proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,

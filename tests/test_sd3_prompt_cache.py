@@ -151,8 +151,9 @@ def _cli(config, workdir):
   import subprocess
   import sys
   from tests import helpers
+  from tests import xla_flags
   env = dict(os.environ, PYTHONPATH=helpers.ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")  # the in-process mesh
+             XLA_FLAGS=xla_flags.for_devices(8))  # the in-process mesh and compilation
   args = [sys.executable, "-m", "fgm_jax.main", "--config=configs/sd3_prompts.py",
           f"--workdir={workdir}", f"--config.sd3.folder={config.sd3.folder}",
           f"--config.prompts={config.prompts}", f"--config.shard_size={config.shard_size}",

@@ -1,0 +1,102 @@
+"""The MNIST-5k study's table (experiments/results/mnist5k.md) from its runs' eval.json files.
+
+    python experiments/mnist5k_table.py [ROOT]      # ROOT defaults to runs/mnist5k
+
+Reads what experiments/mnist5k_study.sh wrote: ROOT/eval.json (teacher Euler rows, real-data
+floor, FGM seed 0), ROOT/teacher/eval_heun.json, ROOT/fgm_<variant>[_seed<k>]/eval.json and
+ROOT/study_times.tsv; prints markdown. Variants with several seeds show each seed and the mean.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+# (row label, run folders: seed 0 first). 'fgm' is the pipeline's own FGM run.
+VARIANTS = (
+    ("FGM 1 step, default (alpha 1, t* 1, 1 online step, both from the teacher)",
+     ("fgm", "fgm_seed1", "fgm_seed2")),
+    ("alpha = 0.5", ("fgm_alpha0.5", "fgm_alpha0.5_seed1")),
+    ("alpha = 1.2", ("fgm_alpha1.2", "fgm_alpha1.2_seed1")),
+    ("t* = 0.8", ("fgm_tstar0.8", "fgm_tstar0.8_seed1")),
+    ("t* = 0.6", ("fgm_tstar0.6", "fgm_tstar0.6_seed1")),
+    ("2 online updates per generator update (equal compute)",
+     ("fgm_online2", "fgm_online2_seed1")),
+    ("online flow from random init", ("fgm_online_random", "fgm_online_random_seed1")),
+    ("generator from random init", ("fgm_generator_random", "fgm_generator_random_seed1")),
+)
+
+
+def _metrics(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    data = json.load(f)
+  return data.get("metrics", data)  # the pipeline nests them; job=evaluate does not
+
+
+def _times(root):
+  out = {}
+  path = os.path.join(root, "study_times.tsv")
+  if os.path.exists(path):
+    for line in open(path):
+      name, seconds = line.split("\t")
+      out[name] = out.get(name, 0) + int(seconds)
+  return out
+
+
+def _pipeline_distill_seconds(root):
+  with open(os.path.join(root, "eval.json")) as f:
+    return round(json.load(f)["wall_time_s"]["distill"])
+
+
+def teacher_rows(root):
+  rows = []
+  euler = _metrics(os.path.join(root, "eval.json")) or {}
+  heun = _metrics(os.path.join(root, "teacher", "eval_heun.json")) or {}
+  if "real_data" in euler:
+    rows.append(("real data (1,000 train images vs held-out)", 0, euler["real_data"]["fd"]))
+  for sampler, table, evals_per_step in (("euler", euler, 1), ("heun", heun, 2)):
+    steps = sorted(int(k.split("_")[-1][:-4]) for k in table
+                   if k.startswith(f"teacher_{sampler}_"))
+    for n in steps:
+      rows.append((f"teacher, {sampler.capitalize()} {n} step{'s' * (n > 1)}",
+                   n * evals_per_step, table[f"teacher_{sampler}_{n}step"]["fd"]))
+  return rows
+
+
+def fgm_rows(root):
+  times = _times(root)
+  rows = []
+  for label, runs in VARIANTS:
+    fds, secs = [], []
+    for run in runs:
+      # The pipeline's own FGM run is scored in ROOT/eval.json with the teacher rows.
+      m = _metrics(os.path.join(root, "eval.json") if run == "fgm" else
+                   os.path.join(root, run, "eval.json"))
+      if m is None:
+        continue
+      fds.append(m["fgm_1step"]["fd"])
+      secs.append(times.get(run, _pipeline_distill_seconds(root) if run == "fgm" else None))
+    if fds:
+      rows.append((label, fds, secs))
+  return rows
+
+
+def markdown(root):
+  lines = ["| sampler | network evaluations | FD |", "|---|---|---|"]
+  for label, evals, fd in teacher_rows(root):
+    lines.append(f"| {label} | {evals or '-'} | {fd:.2f} |")
+  lines += ["", "| FGM one step | FD per seed (0, 1, 2) | mean | distill wall time (s) |",
+            "|---|---|---|---|"]
+  for label, fds, secs in fgm_rows(root):
+    mean = statistics.mean(fds)
+    spread = f" ± {statistics.stdev(fds):.1f}" if len(fds) > 1 else ""
+    wall = ", ".join("-" if s is None else str(s) for s in secs)
+    lines.append(f"| {label} | {' / '.join(f'{x:.2f}' for x in fds)} | "
+                 f"{mean:.2f}{spread} | {wall} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  print(markdown(sys.argv[1] if len(sys.argv) > 1 else "runs/mnist5k"))
