@@ -98,5 +98,21 @@ def markdown(root):
   return "\n".join(lines)
 
 
+def wall_markdown(root):
+  """Seconds per run: the pipeline's stages, then each study run as study_times.tsv has it."""
+  with open(os.path.join(root, "eval.json")) as f:
+    stages = json.load(f)["wall_time_s"]
+  lines = ["| run | seconds |", "|---|---|"]
+  lines += [f"| pipeline: {k} | {v:.0f} |" for k, v in stages.items()]
+  total = sum(stages.values())
+  for name, seconds in _times(root).items():
+    if name != "pipeline":
+      lines.append(f"| {name} | {seconds} |")
+      total += seconds
+  lines.append(f"| **total** | **{total:.0f} ({total / 60:.0f} min)** |")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
-  print(markdown(sys.argv[1] if len(sys.argv) > 1 else "runs/mnist5k"))
+  root = sys.argv[1] if len(sys.argv) > 1 else "runs/mnist5k"
+  print(markdown(root) + "\n\n" + wall_markdown(root))
