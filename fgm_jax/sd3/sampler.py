@@ -131,6 +131,16 @@ def _conditioning(config, sd3, mesh):
   return prompts, lambda idx: encode([prompts[i] for i in idx]), (context[:1], pooled[:1])
 
 
+def _generate(fn, params, cond, null, seed, noise_ids, shape):
+  """Decoded images in [0, 1] (numpy) of conditioning rows ``cond`` from the noise of
+  ``noise_ids``; ``null`` (the empty prompt's context, pooled) is repeated for every row."""
+  noise = np.stack([initial_noise(seed, j, shape) for j in noise_ids])
+  rows = len(noise_ids)
+  null_cond = {"context": np.repeat(null[0], rows, 0), "pooled": np.repeat(null[1], rows, 0)}
+  _, x = fn(*params, noise, cond, null_cond)
+  return np.asarray(x)
+
+
 def _setup(config, mesh, mmdit_params=None):
   """(sd3, mesh, placed (MM-DiT, VAE) params, jitted sampler, latent shape) for
   config.sample; ``mmdit_params`` replaces the folder's MM-DiT (a distilled generator)."""
@@ -162,7 +172,7 @@ def run(config, workdir, mesh=None, mmdit_params=None):
   from fgm_jax.sd3 import tiny
   config = tiny.resolve(config, workdir)
   s = config.sample
-  sd3, mesh, (mmdit_params, vae_params), fn, shape = _setup(config, mesh, mmdit_params)
+  sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params)
   prompts, encode, null = _conditioning(config, sd3, mesh)
   prompts = prompts[:s.num or None]
   multiple = parallel.batch_device_count(mesh)
@@ -174,12 +184,8 @@ def run(config, workdir, mesh=None, mmdit_params=None):
     n = len(idx)
     padded = idx + [idx[-1]] * ((-n) % multiple)  # repeat the last row; trimmed below
     context, pooled = encode(padded)
-    noise = np.stack([initial_noise(s.seed, j, shape) for j in padded])
-    null_cond = {"context": np.repeat(null[0], len(padded), 0),
-                 "pooled": np.repeat(null[1], len(padded), 0)}
-    _, x = fn(mmdit_params, vae_params, noise, {"context": context, "pooled": pooled},
-              null_cond)
-    x = np.asarray(x)[:n]
+    x = _generate(fn, params, {"context": context, "pooled": pooled}, null, s.seed, padded,
+                  shape)[:n]
     for j, k in enumerate(idx):
       plots.save_png(os.path.join(out_dir, f"{k:05d}_seed{s.seed}.png"),
                      (x[j] * 255).round().astype(np.uint8))
@@ -204,7 +210,7 @@ def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None):
   from fgm_jax.sd3 import prompt_cache
   s = config.sample
   metadata = geneval_lib.read_metadata(metadata_path, limit=s.num or None)
-  sd3, mesh, (mmdit_params, vae_params), fn, shape = _setup(config, mesh, mmdit_params)
+  sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params)
   encode_ids = prompt_cache.sharded_encoder(sd3.encoders, mesh)
   multiple = parallel.batch_device_count(mesh)
   batch = -(-s.batch_size // multiple) * multiple  # one compiled shape, split evenly
@@ -213,12 +219,8 @@ def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None):
 
   def sample_fn(prompts, noise_ids):
     context, pooled = (np.asarray(a) for a in encode_ids(text.tokenize(sd3.encoders, prompts)))
-    noise = np.stack([initial_noise(s.seed, j, shape) for j in noise_ids])
-    null_cond = {"context": np.repeat(null[0], len(prompts), 0),
-                 "pooled": np.repeat(null[1], len(prompts), 0)}
-    _, x = fn(mmdit_params, vae_params, noise, {"context": context, "pooled": pooled},
-              null_cond)
-    return np.asarray(x)
+    return _generate(fn, params, {"context": context, "pooled": pooled}, null, s.seed,
+                     noise_ids, shape)
 
   out_dir = os.path.join(workdir, "geneval")
   summary = geneval_lib.write_images(
