@@ -100,6 +100,20 @@ def _line_problem(record) -> Optional[str]:
   return None
 
 
+def _jsonl(path: str, hint: str):
+  """(line number, line, parsed JSON) of each non-blank line; a line that is not JSON stops
+  with its number and ``hint``."""
+  with open(path, encoding="utf-8") as f:
+    for number, raw in enumerate(f, start=1):
+      line = raw.rstrip("\r\n")
+      if not line.strip():
+        continue
+      try:
+        yield number, line, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise GenEvalError(f"{path} line {number} is not JSON ({e.msg}); {hint}") from None
+
+
 def read_metadata(path: str = DEFAULT_METADATA, *, limit: Optional[int] = None,
                   tags: Optional[Sequence[str]] = None) -> List[Prompt]:
   """The prompts of a GenEval metadata file, optionally only ``tags`` and the first ``limit``.
@@ -111,21 +125,13 @@ def read_metadata(path: str = DEFAULT_METADATA, *, limit: Optional[int] = None,
         f"GenEval metadata file {path!r} not found; it ships as {DEFAULT_METADATA} (relative to "
         "the repository root) and as prompts/evaluation_metadata.jsonl in djghosh13/geneval.")
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for number, raw in enumerate(f, start=1):
-      line = raw.rstrip("\r\n")
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise GenEvalError(f"{path} line {number} is not JSON ({e.msg}); each line of a GenEval "
-                           "metadata file is one JSON object.") from None
-      problem = _line_problem(record)
-      if problem:
-        raise GenEvalError(f"{path} line {number} {problem}; GenEval metadata lines hold 'tag', "
-                           "'include' (list), optional 'exclude' and 'prompt'.")
-      prompts.append(Prompt(len(prompts), line, record))
+  for number, line, record in _jsonl(path, "each line of a GenEval metadata file is one JSON "
+                                           "object."):
+    problem = _line_problem(record)
+    if problem:
+      raise GenEvalError(f"{path} line {number} {problem}; GenEval metadata lines hold 'tag', "
+                         "'include' (list), optional 'exclude' and 'prompt'.")
+    prompts.append(Prompt(len(prompts), line, record))
   if not prompts:
     raise GenEvalError(f"GenEval metadata file {path} holds no prompts.")
   if tags is not None:
@@ -376,26 +382,19 @@ def read_results(path: str) -> List[dict]:
         f"GenEval results file {path!r} not found; write it with GenEval's "
         "evaluation/evaluate_images.py <image folder> --outfile results.jsonl.")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise GenEvalError(f"{path} line {number} is not JSON ({e.msg}); is this the "
-                           "results.jsonl of GenEval's evaluate_images.py?") from None
-      if not isinstance(row, dict) or not isinstance(row.get("tag"), str):
-        raise GenEvalError(f"{path} line {number} has no 'tag' string; is this the "
-                           "results.jsonl of GenEval's evaluate_images.py?")
-      if not isinstance(row.get("correct"), bool):
-        raise GenEvalError(f"{path} line {number} has no true/false 'correct' field (got "
-                           f"{row.get('correct')!r}); is this the results.jsonl of GenEval's "
-                           "evaluate_images.py?")
-      if row["tag"] not in CATEGORIES:
-        raise GenEvalError(f"{path} line {number} has tag {row['tag']!r}, not one of GenEval's "
-                           f"categories {list(CATEGORIES)}.")
-      rows.append(row)
+  for number, _, row in _jsonl(path, "is this the results.jsonl of GenEval's "
+                                     "evaluate_images.py?"):
+    if not isinstance(row, dict) or not isinstance(row.get("tag"), str):
+      raise GenEvalError(f"{path} line {number} has no 'tag' string; is this the "
+                         "results.jsonl of GenEval's evaluate_images.py?")
+    if not isinstance(row.get("correct"), bool):
+      raise GenEvalError(f"{path} line {number} has no true/false 'correct' field (got "
+                         f"{row.get('correct')!r}); is this the results.jsonl of GenEval's "
+                         "evaluate_images.py?")
+    if row["tag"] not in CATEGORIES:
+      raise GenEvalError(f"{path} line {number} has tag {row['tag']!r}, not one of GenEval's "
+                         f"categories {list(CATEGORIES)}.")
+    rows.append(row)
   if not rows:
     raise GenEvalError(f"GenEval results file {path} holds no results; did the scorer run on "
                        "the image folder?")
