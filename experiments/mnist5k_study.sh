@@ -31,13 +31,26 @@ timed() {  # timed NAME CMD...: run CMD, append "NAME seconds" to $TIMES
 # 2. FGM variants from the same teacher; each scored on the same 1,000 noise draws.
 F=(--config=configs/mnist_fgm.py --config.teacher.workdir="$ROOT/teacher"
    --config.eval.teacher_steps="()" --config.eval.classifier_dir="$ROOT/mnist5k_classifier")
-variant() {  # variant NAME FLAGS...
+N_LARGE=5000
+variant() {  # variant NAME FLAGS...: distil, score on 1,000 samples, then on N_LARGE
   local name=$1; shift
-  [ -f "$ROOT/$name/eval.json" ] && return  # distilled and scored by an earlier invocation
-  timed "$name" $PY -m fgm_jax.main "${F[@]}" --config.job=distill "$@" --workdir="$ROOT/$name"
-  timed "$name:eval" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
-      --workdir="$ROOT/$name"
+  if [ ! -f "$ROOT/$name/eval.json" ]; then  # else distilled and scored by an earlier invocation
+    timed "$name" $PY -m fgm_jax.main "${F[@]}" --config.job=distill "$@" --workdir="$ROOT/$name"
+    timed "$name:eval" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
+        --workdir="$ROOT/$name"
+  fi
+  # One step per sample makes a larger N cheap: the FD's noise falls as 1/sqrt(N). Compare these
+  # only with each other (the FD's bias depends on N).
+  [ -f "$ROOT/$name/eval_n$N_LARGE.json" ] ||
+    timed "$name:eval$N_LARGE" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
+        --config.eval.num_samples=$N_LARGE --config.eval.output="eval_n$N_LARGE.json" \
+        --workdir="$ROOT/$name"
 }
+# The pipeline's own FGM run (scored on 1,000 samples in ROOT/eval.json).
+[ -f "$ROOT/fgm/eval_n$N_LARGE.json" ] ||
+  timed "fgm:eval$N_LARGE" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate \
+      --config.eval.num_samples=$N_LARGE --config.eval.output="eval_n$N_LARGE.json" \
+      --workdir="$ROOT/fgm"
 variant fgm_seed1 --config.seed=1
 variant fgm_seed2 --config.seed=2
 variant fgm_alpha0.5 --config.fgm.alpha=0.5
@@ -67,3 +80,4 @@ variant fgm_generator_random_seed1 --config.fgm.init_generator=random --config.s
     --workdir="$ROOT/teacher" --config.sample.method=heun \
     --config.eval.teacher_steps="(1,2,4,8,25)" --config.eval.output=eval_heun.json
 echo "=== done ($(date -u +%H:%M:%S)); wall times in $TIMES"
+

@@ -4,13 +4,16 @@
 
 Reads what experiments/mnist5k_study.sh wrote: ROOT/eval.json (teacher Euler rows, real-data
 floor, FGM seed 0), ROOT/teacher/eval_heun.json, ROOT/fgm_<variant>[_seed<k>]/eval.json and
-ROOT/study_times.tsv; prints markdown. Variants with several seeds show each seed and the mean.
+ROOT/fgm*/eval_n5000.json (the FGM runs on 5,000 samples) and ROOT/study_times.tsv; prints
+markdown. Variants with several seeds show each seed and the mean.
 """
 
 import json
 import os
 import statistics
 import sys
+
+N_LARGE = 5000  # the FGM runs' second scoring (experiments/mnist5k_study.sh)
 
 # (row label, run folders: seed 0 first). 'fgm' is the pipeline's own FGM run.
 VARIANTS = (
@@ -66,10 +69,11 @@ def teacher_rows(root):
 
 
 def fgm_rows(root):
+  """(label, FDs at N = 1,000, FDs at N_LARGE, distill seconds) per variant, seeds in order."""
   times = _times(root)
   rows = []
   for label, runs in VARIANTS:
-    fds, secs = [], []
+    fds, large, secs = [], [], []
     for run in runs:
       # The pipeline's own FGM run is scored in ROOT/eval.json with the teacher rows.
       m = _metrics(os.path.join(root, "eval.json") if run == "fgm" else
@@ -77,24 +81,34 @@ def fgm_rows(root):
       if m is None:
         continue
       fds.append(m["fgm_1step"]["fd"])
+      m_large = _metrics(os.path.join(root, run, f"eval_n{N_LARGE}.json"))
+      large.append(None if m_large is None else m_large["fgm_1step"]["fd"])
       secs.append(times.get(run, _pipeline_distill_seconds(root) if run == "fgm" else None))
     if fds:
-      rows.append((label, fds, secs))
+      rows.append((label, fds, large, secs))
   return rows
+
+
+def _seeds(values):
+  """'a / b / c' and 'mean ± std' of the values that exist."""
+  there = [v for v in values if v is not None]
+  if not there:
+    return "-", "-"
+  spread = f" ± {statistics.stdev(there):.1f}" if len(there) > 1 else ""
+  return " / ".join(f"{x:.2f}" for x in there), f"{statistics.mean(there):.2f}{spread}"
 
 
 def markdown(root):
   lines = ["| sampler | network evaluations | FD |", "|---|---|---|"]
   for label, evals, fd in teacher_rows(root):
     lines.append(f"| {label} | {evals or '-'} | {fd:.2f} |")
-  lines += ["", "| FGM one step | FD per seed (0, 1, 2) | mean | distill wall time (s) |",
-            "|---|---|---|---|"]
-  for label, fds, secs in fgm_rows(root):
-    mean = statistics.mean(fds)
-    spread = f" ± {statistics.stdev(fds):.1f}" if len(fds) > 1 else ""
+  lines += ["", f"| FGM one step | FD per seed (0, 1, 2), N = 1,000 | mean | "
+            f"FD per seed, N = {N_LARGE:,} | mean | distill wall time (s) |",
+            "|---|---|---|---|---|---|"]
+  for label, fds, large, secs in fgm_rows(root):
     wall = ", ".join("-" if s is None else str(s) for s in secs)
-    lines.append(f"| {label} | {' / '.join(f'{x:.2f}' for x in fds)} | "
-                 f"{mean:.2f}{spread} | {wall} |")
+    lines.append(f"| {label} | {' | '.join(_seeds(fds))} | {' | '.join(_seeds(large))} | "
+                 f"{wall} |")
   return "\n".join(lines)
 
 
