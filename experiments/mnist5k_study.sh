@@ -32,6 +32,15 @@ timed() {  # timed NAME CMD...: run CMD, append "NAME seconds" to $TIMES
 F=(--config=configs/mnist_fgm.py --config.teacher.workdir="$ROOT/teacher"
    --config.eval.teacher_steps="()" --config.eval.classifier_dir="$ROOT/mnist5k_classifier")
 N_LARGE=5000
+score_large() {  # score_large NAME FLAGS...: the run ROOT/NAME scored again on N_LARGE samples
+  # One step per sample makes a larger N cheap: the FD's noise falls as 1/sqrt(N). Compare these
+  # only with each other (the FD's bias depends on N).
+  local name=$1; shift
+  [ -f "$ROOT/$name/eval_n$N_LARGE.json" ] ||
+    timed "$name:eval$N_LARGE" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
+        --config.eval.num_samples=$N_LARGE --config.eval.output="eval_n$N_LARGE.json" \
+        --workdir="$ROOT/$name"
+}
 variant() {  # variant NAME FLAGS...: distil, score on 1,000 samples, then on N_LARGE
   local name=$1; shift
   if [ ! -f "$ROOT/$name/eval.json" ]; then  # else distilled and scored by an earlier invocation
@@ -39,18 +48,9 @@ variant() {  # variant NAME FLAGS...: distil, score on 1,000 samples, then on N_
     timed "$name:eval" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
         --workdir="$ROOT/$name"
   fi
-  # One step per sample makes a larger N cheap: the FD's noise falls as 1/sqrt(N). Compare these
-  # only with each other (the FD's bias depends on N).
-  [ -f "$ROOT/$name/eval_n$N_LARGE.json" ] ||
-    timed "$name:eval$N_LARGE" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
-        --config.eval.num_samples=$N_LARGE --config.eval.output="eval_n$N_LARGE.json" \
-        --workdir="$ROOT/$name"
+  score_large "$name" "$@"
 }
-# The pipeline's own FGM run (scored on 1,000 samples in ROOT/eval.json).
-[ -f "$ROOT/fgm/eval_n$N_LARGE.json" ] ||
-  timed "fgm:eval$N_LARGE" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate \
-      --config.eval.num_samples=$N_LARGE --config.eval.output="eval_n$N_LARGE.json" \
-      --workdir="$ROOT/fgm"
+score_large fgm  # the pipeline's own FGM run (scored on 1,000 samples in ROOT/eval.json)
 variant fgm_seed1 --config.seed=1
 variant fgm_seed2 --config.seed=2
 variant fgm_alpha0.5 --config.fgm.alpha=0.5
