@@ -44,7 +44,35 @@ def base(job):
   # job=export (distill runs): output folder (None: <workdir>/generator), EMA or raw weights.
   c.export = ml_collections.ConfigDict(dict(
       output=ml_collections.config_dict.placeholder(str), use_ema=True))
+  c.aot = aot()
+  c.compilation_cache = compilation_cache()
   return c
+
+
+def aot():
+  """job=compile (fgm_jax/aot.py): compile the run's jitted functions ahead of time.
+
+  topology: a TPU slice to compile for without one, e.g. 'v5p:2x2x1' (needs libtpu:
+    pip install "jax[tpu]"); None: this machine's devices.
+  architecture: SD3 FGM configs without an sd3.folder: a built-in MM-DiT shape
+    ('sd3-medium'); None: read from sd3.folder's config.json files.
+  sample_batch: global batch of the compiled samplers (0: config.batch_size).
+  functions: which to compile (names as printed; () all of them).
+  output: the report, written into --workdir.
+  """
+  return ml_collections.ConfigDict(dict(
+      topology=ml_collections.config_dict.placeholder(str),
+      architecture=ml_collections.config_dict.placeholder(str),
+      sample_batch=0, functions=(), output="aot.json"))
+
+
+def compilation_cache():
+  """jax's persistent compilation cache for training runs: a restart (preemption, a second
+  job of the same shape) loads its programs instead of compiling them. dir None:
+  <workdir>/compilation_cache (on a pod, a shared bucket path lets every host and every
+  restart share it; BUILD.md)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=True, dir=ml_collections.config_dict.placeholder(str)))
 
 
 def times(time_sampler="uniform", t_min=0.0, t_max=1.0, logit_mean=0.0, logit_std=1.0,
@@ -129,6 +157,8 @@ def sd3_run(job, variant):
   c.mesh = mesh()
   c.sd3 = sd3()
   c.prompts = ml_collections.config_dict.placeholder(str)
+  c.aot = aot()
+  c.compilation_cache = compilation_cache()
   if "runlocal" in words:  # tiny random SD3 components built on the fly: a CPU smoke run
     c.sd3.tiny_random = True
     c.sd3.t5_length = 32

@@ -14,7 +14,8 @@ from fgm_jax import flow
 from fgm_jax import models
 from fgm_jax import parallel
 
-JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export", "prompt_cache")
+JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export", "prompt_cache",
+        "compile")
 # The jobs of a distillation config that read the teacher's checkpoint. Sampling and exporting
 # a distilled generator need only its own run: the teacher may have been moved or deleted.
 TEACHER_JOBS = ("distill", "evaluate")
@@ -49,17 +50,18 @@ def _check_model_and_data(model, data, field: str):
   _require(problem is None, f"{field}.{problem}")
 
 
-def _check_mesh_shape(mesh):
-  """Axis sizes that fit this machine's devices."""
+def _check_mesh_shape(mesh, device_count=None):
+  """Axis sizes that fit this machine's devices (or job=compile's topology)."""
+  n = device_count or jax.device_count()
   try:
-    parallel.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, jax.device_count())
+    parallel.mesh_shape(mesh.data, mesh.fsdp, mesh.tensor, n)
   except ValueError as e:
-    raise ConfigError(f"{e} (there are {jax.device_count()} devices)") from None
+    raise ConfigError(f"{e} (there are {n} devices)") from None
 
 
-def _check_mesh(mesh, model):
+def _check_mesh(mesh, model, device_count=None):
   """Axis sizes that fit the devices, and rules that name only mesh axes."""
-  _check_mesh_shape(mesh)
+  _check_mesh_shape(mesh, device_count)
   for rule in parallel.rules_for(mesh, model):
     axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     _require(len(rule) == 2 and set(a for a in axes if a) <= set(parallel.MESH_AXES),
@@ -67,12 +69,12 @@ def _check_mesh(mesh, model):
              f"with mesh axes from {parallel.MESH_AXES}.")
 
 
-def _check_batch(batch_size: int, device_count: int):
-  _require(batch_size > 0, f"config.batch_size={batch_size} must be > 0.")
+def check_batch(batch_size: int, device_count: int, field: str = "config.batch_size"):
+  _require(batch_size > 0, f"{field}={batch_size} must be > 0.")
   _require(batch_size % device_count == 0,
-           f"config.batch_size={batch_size} is not divisible by the {device_count} devices the "
+           f"{field}={batch_size} is not divisible by the {device_count} devices the "
            f"batch is split over; use a multiple of {device_count} "
-           f"(e.g. --config.batch_size={device_count * max(1, batch_size // device_count)}).")
+           f"(e.g. --{field}={device_count * max(1, batch_size // device_count)}).")
   _require(batch_size % jax.process_count() == 0,
            f"config.batch_size={batch_size} is not divisible by the {jax.process_count()} "
            "processes; use a multiple of the process count.")
@@ -106,10 +108,16 @@ def _check_teacher_checkpoint(teacher):
 
 
 def validate(config, device_count=None):
-  """Raises ConfigError for the first unusable value. Cheap: no model is built."""
+  """Raises ConfigError for the first unusable value. Cheap: no model is built.
+
+  job=compile checks only what the training job needs beyond files (no checkpoint, folder or
+  prompt cache); its device count is checked against the topology (validate_for_devices).
+  """
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
+  if config.job == "compile" and device_count is None:
+    return _check_compile(config)
   if is_sd3_distill(config):
-    return _check_sd3_fgm(config)
+    return _check_sd3_fgm(config, device_count)
   if "sd3" in config:
     return _check_sd3(config)
   if is_distill(config):
@@ -126,8 +134,8 @@ def validate(config, device_count=None):
              "config.fgm (e.g. configs/toy2d_fgm.py); this one describes a teacher run.")
     _check_model_and_data(config.model, config.data, "config")
     _check_optim(config.optim, "config.optim")
-  _check_mesh(config.mesh, architecture(config)[0])
-  _check_batch(config.batch_size, device_count or _batch_devices(config))
+  _check_mesh(config.mesh, architecture(config)[0], device_count)
+  check_batch(config.batch_size, _batch_devices(config, device_count))
   _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
   _require(config.sample.steps >= 1, f"config.sample.steps={config.sample.steps} must be >= 1.")
   _require(config.sample.method in flow.SAMPLERS,
@@ -151,7 +159,7 @@ def _check_sd3(config):
   _check_mesh_shape(config.mesh)
   if config.job == "prompt_cache":
     _require(config.shard_size >= 1, f"config.shard_size={config.shard_size} must be >= 1.")
-    _check_batch(config.batch_size, _batch_devices(config))
+    check_batch(config.batch_size, _batch_devices(config))
   if config.job == "sample":
     s = config.sample
     _require(s.steps >= 1 and s.batch_size >= 1 and s.num >= 0,
@@ -171,12 +179,13 @@ def _check_sd3_folder(config):
            f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
 
 
-def _check_sd3_fgm(config):
+def _check_sd3_fgm(config, device_count=None):
   """SD3 FGM (configs/sd3_fgm.py): distill, sample (one step, or GenEval) and export."""
-  _require(config.job in ("distill", "sample", "export"),
-           f"config.job={config.job!r}: an SD3 FGM config runs 'distill', 'sample' or "
-           "'export' (prompt caches come from configs/sd3_prompts.py).")
-  _check_sd3_folder(config)
+  _require(config.job in ("distill", "sample", "export", "compile"),
+           f"config.job={config.job!r}: an SD3 FGM config runs 'distill', 'sample', 'export' "
+           "or 'compile' (prompt caches come from configs/sd3_prompts.py).")
+  if not (config.job == "compile" and config.aot.architecture):
+    _check_sd3_folder(config)
   _require(bool(config.prompt_cache) or config.sd3.tiny_random or config.job != "distill",
            "config.prompt_cache is not set; write one with --config=configs/sd3_prompts.py "
            "(same sd3.folder) and pass --config.prompt_cache=<its workdir>.")
@@ -196,8 +205,8 @@ def _check_sd3_fgm(config):
            "VAE's 8x downscale times the MM-DiT's 2x2 patches), e.g. 512.")
   _check_optim(config.optim, "config.optim")
   _check_optim(config.online_optim, "config.online_optim")
-  _check_mesh(config.mesh, config.teacher.model)
-  _check_batch(config.batch_size, _batch_devices(config))
+  _check_mesh(config.mesh, config.teacher.model, device_count)
+  check_batch(config.batch_size, _batch_devices(config, device_count))
   _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
   _require(config.checkpoint.every >= 1,
            f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
@@ -207,9 +216,23 @@ def _check_sd3_fgm(config):
            f"{s.images_per_prompt} must be >= 1 and num={s.num} >= 0.")
 
 
-def _batch_devices(config):
+def _check_compile(config):
+  """job=compile before the devices are known: only the run kind's own fields."""
+  _require(not ("sd3" in config and not is_sd3_distill(config)),
+           "config.job='compile' compiles training runs (teacher, FGM, SD3 FGM configs); "
+           "this SD3 config samples or caches prompts.")
+  _require(config.aot.sample_batch >= 0,
+           f"config.aot.sample_batch={config.aot.sample_batch} must be >= 0 (0: batch_size).")
+
+
+def validate_for_devices(config, device_count: int):
+  """job=compile: the whole training config, against ``device_count`` devices."""
+  validate(config, device_count=device_count)
+
+
+def _batch_devices(config, device_count=None):
   mesh = config.mesh
-  n = jax.device_count()
+  n = device_count or jax.device_count()
   if mesh.data == -1:
     return n // mesh.tensor
   return mesh.data * mesh.fsdp

@@ -6,7 +6,8 @@ config.job picks what runs: 'teacher' or 'distill' train (resuming from --workdi
 'sample' writes samples.npz (from a run, or from an exported generator folder); 'evaluate'
 writes eval.json; 'export' writes the one-step generator as a standalone folder; 'pipeline'
 (distill configs) trains the teacher, distils it, evaluates both and writes a report, all
-under --workdir.
+under --workdir; 'compile' compiles the run's functions ahead of time, for this machine or a
+TPU topology (--config.aot.topology=v5p:2x2x1), and reports memory per chip (fgm_jax/aot.py).
 
 Multi-process runs (TPU pod slices, GPU clusters; every host runs the same command) connect
 first: --coordinator_address/--num_processes/--process_id (or JAX_COORDINATOR_ADDRESS,
@@ -61,6 +62,7 @@ RUNS = {
     "evaluate": "fgm_jax.evaluation.evaluate:evaluate",
     "export": "fgm_jax.export:export",
     "prompt_cache": "fgm_jax.sd3.prompt_cache:write",
+    "compile": "fgm_jax.aot:run",
 }
 
 

@@ -20,6 +20,7 @@ import jax
 from absl import logging
 
 from fgm_jax import checkpoint
+from fgm_jax import compile_cache
 from fgm_jax import config_checks
 from fgm_jax import parallel
 from fgm_jax import workdir_lock
@@ -63,10 +64,13 @@ def stage_configs(config, workdir):
   with distill.unlocked():
     distill.job = "distill"
     distill.teacher.workdir = os.path.join(workdir, "teacher")
+    # Both stages share the pipeline's compilation cache (the teacher's samplers recur).
+    distill.compilation_cache.dir = compile_cache.directory(config, workdir)
   teacher = distill.teacher.copy_and_resolve_references()
   with teacher.unlocked():
     teacher.job = "teacher"
     teacher.mesh = distill.mesh
+    teacher.compilation_cache = distill.compilation_cache
   return teacher, distill
 
 

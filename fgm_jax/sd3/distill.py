@@ -27,6 +27,7 @@ import numpy as np
 
 from fgm_jax import config_checks
 from fgm_jax.sd3 import text
+from fgm_jax.sd3 import tiny
 from fgm_jax.train import trainers
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
@@ -87,13 +88,33 @@ def runlocal_cache(config, workdir) -> str:
 def prepare(config, workdir):
   """The config with the folder's architecture in ``teacher.model`` and the latent shape in
   ``teacher.data``; a ':runlocal' config also gets its tiny folder and prompt cache built."""
-  from fgm_jax.sd3 import tiny
-  config = tiny.resolve(config, workdir)
-  c = config.copy_and_resolve_references()
+  c = prepare_architecture(config, workdir)
   if not c.prompt_cache and c.sd3.tiny_random:
     c.prompt_cache = runlocal_cache(c, workdir)
-  arch = _architecture(transformer_config(c.sd3.folder))
-  down = latent_downscale(c.sd3.folder)
+  return c
+
+
+# Built-in MM-DiT shapes for job=compile without the weights: (transformer config.json, VAE
+# latent downscale). SD3-Medium's from stabilityai/stable-diffusion-3-medium-diffusers.
+ARCHITECTURES = {"sd3-medium": ("SD3_MEDIUM", 8)}
+
+
+def prepare_architecture(config, workdir):
+  """``prepare`` without the prompt cache: the architecture from config.aot.architecture (a
+  built-in name, job=compile) or from the folder's config.json files."""
+  c = config.copy_and_resolve_references()
+  name = c.aot.architecture if "aot" in c else None
+  if name:
+    from fgm_jax.models import mmdit
+    if name not in ARCHITECTURES:
+      raise config_checks.ConfigError(f"config.aot.architecture={name!r} is unknown; choose "
+                                      f"one of {sorted(ARCHITECTURES)} or set config.sd3.folder.")
+    table, down = ARCHITECTURES[name]
+    arch = _architecture(getattr(mmdit, table))
+  else:
+    c = tiny.resolve(c, workdir).copy_and_resolve_references()
+    arch = _architecture(transformer_config(c.sd3.folder))
+    down = latent_downscale(c.sd3.folder)
   with c.unlocked():
     c.teacher.model.update(arch)
     c.teacher.data.shape = (c.resolution // down, c.resolution // down, arch["in_channels"])
@@ -143,9 +164,12 @@ def build_trainer(config, mesh):
   """The DistillTrainer of an SD3 FGM run: teacher from the folder, prompts from the cache."""
   from fgm_jax.convert import diffusers as dconv
   from fgm_jax.data import arrays
+  from fgm_jax.models import mmdit
   rows, null = load_conditioning(config)
   _, teacher_params = dconv.load_params(os.path.join(config.sd3.folder, "transformer"),
                                         "mmdit")
+  # The folder loads scanned; config.teacher.model.scan_layers=False wants it unrolled.
+  teacher_params = mmdit.to_layout(teacher_params, mmdit.from_config(config.teacher.model))
   return SD3DistillTrainer(config, mesh, teacher_params=teacher_params,
                            cond_source=arrays.RowSource(rows, config.seed),
                            null_cond=null if config.fgm.guidance != 1.0 else None)
@@ -154,10 +178,54 @@ def build_trainer(config, mesh):
 class SD3DistillTrainer(trainers.DistillTrainer):
   """FGM on prompts; pictures come from job=sample (they need the VAE and the prompts)."""
 
-  def samples(self, state, n, seed, use_ema=True):
-    raise config_checks.ConfigError(
-        "SD3 FGM runs draw images with --config.job=sample (prompts -> one step -> VAE); "
-        "set config.log.plot_every=0 and config.eval.fid.every=0.")
+  # --- job=compile: prompt embeddings as the cache holds them (bf16 tokens, fp32 pooled)
 
-  def sample_sets(self, state, n, seed, teacher_steps):
-    return self.samples(state, n, seed)
+  def _text_length(self):
+    return tiny.CLIP_LENGTH + self.config.sd3.t5_length
+
+  def _abstract_cond(self, batch, sharding=None):
+    import jax
+    import ml_dtypes
+    m = self.config.teacher.model
+    sharding = sharding or self.sharding.batch()
+    return {"context": self._abstract((batch, self._text_length(), m.joint_attention_dim),
+                                      ml_dtypes.bfloat16, sharding),
+            "pooled": self._abstract((batch, m.pooled_projection_dim), jax.numpy.float32,
+                                     sharding)}
+
+  def _abstract_null(self):
+    if self.config.fgm.guidance == 1.0:
+      return None
+    return self._abstract_cond(1, self.sharding.replicated())
+
+  def _sampler_targets(self, params, sample_batch):
+    """The teacher's multi-step CFG sampler (latents; the VAE decode is not compiled)."""
+    from fgm_jax import flow
+    from fgm_jax.sd3 import sampler
+    s = self.teacher_config.sample
+    ts = flow.diffusers_flow_match_grid(s.steps, s.shift)
+    guidance = self.config.fgm.guidance
+
+    def fn(params, z, cond, null):
+      return sampler.sample_latents(self.model, params, z, cond, null, ts, guidance)
+    batch = self.sharding.batch()
+    name = f"teacher_cfg_{s.steps}step"
+    jitted = self._jit(name, fn, in_shardings=(self.param_shardings, batch, batch,
+                                               self.sharding.replicated()),
+                       out_shardings=batch).jitted
+    null = self._abstract_cond(1, self.sharding.replicated())
+    return {name: (jitted, (params, self._abstract_noise(sample_batch),
+                            self._abstract_cond(sample_batch), null))}
+
+  def _generator_target(self, gen, sample_batch):
+    """What job=sample runs per batch, before the VAE: x0 = z - v(z, 1, c)."""
+    from fgm_jax import fgm
+    from fgm_jax.train import steps
+    t_star = self.config.fgm.t_star
+
+    def one_step(params, z, cond):
+      return fgm.generator_sample(steps.velocity_fn(self.model, params, cond=cond), z, t_star)
+    batch = self.sharding.batch()
+    jitted = self._jit("generator", one_step, in_shardings=(self.param_shardings, batch, batch),
+                       out_shardings=batch).jitted
+    return jitted, (gen, self._abstract_noise(sample_batch), self._abstract_cond(sample_batch))

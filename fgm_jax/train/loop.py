@@ -22,6 +22,7 @@ import jax
 from absl import logging
 
 from fgm_jax import checkpoint
+from fgm_jax import compile_cache
 from fgm_jax import config_checks
 from fgm_jax import distributed
 from fgm_jax import parallel
@@ -127,7 +128,7 @@ def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
   the run becomes non-finite; both leave only finite checkpoints behind. Holds the workdir's
   lock throughout (process 0): a second run on the same workdir stops at once.
   """
-  with workdir_lock.held(workdir):
+  with workdir_lock.held(workdir), compile_cache.for_run(config, workdir):
     return _train(config, workdir, mesh, write_metrics, progress)
 
 

@@ -12,6 +12,7 @@ loop (loop.py), the evaluators and the pipeline use only this surface, never the
     trainer.samples(state, n, seed, use_ema=True) -> SampleSet   what it trains (config.sample)
     trainer.sample_sets(state, n, seed, teacher_steps) -> [SampleSet]       what to compare
     trainer.traces                               how often each function was traced
+    trainer.compile_targets(sample_batch) -> {name: (jitted, abstract args)}  for job=compile
 
 Every function is traced under the run's mesh and logical-axis rules (parallel.ShardingContext).
 """
@@ -71,22 +72,30 @@ class Trainer:
     rng = self.keys.init if rng is None else rng
     return state_lib.init_params(self.model, rng, self.shape, cond, batch=batch)
 
-  def _draw(self, name, fn, params, n, seed, chunk=4096):
-    """Samples of ``fn(params, z)`` from the seed's noise; one jitted sampler per name."""
+  def _sampler(self, name, fn):
+    """jit(fn(params, z)), one per name, params laid out like the teacher's, z over the batch."""
     if name not in self._samplers:
       batch = self.sharding.batch()
       self._samplers[name] = self._jit(name, fn, in_shardings=(self.param_shardings, batch),
                                        out_shardings=batch)
-    sampler = functools.partial(self._samplers[name], params)
+    return self._samplers[name]
+
+  def _draw(self, name, fn, params, n, seed, chunk=4096):
+    """Samples of ``fn(params, z)`` from the seed's noise; one jitted sampler per name."""
+    sampler = functools.partial(self._sampler(name, fn), params)
     return sampling.draw(sampler, sampling.noise(n, self.shape, seed), chunk,
                          self.batch_devices, what=f"sampling {name}")
 
-  def _teacher_ode(self, params, n, seed, num_steps):
+  def _teacher_ode_sampler(self, num_steps):
     s = self.teacher_config.sample
     fn = functools.partial(_teacher_ode_fn, model=self.model, num_steps=num_steps,
                            method=s.method, shift=s.shift)
-    x = self._draw(f"teacher_{s.method}_{num_steps}step", fn, params, n, seed)
-    return sampling.teacher_set(s.method, num_steps, x)
+    return f"teacher_{s.method}_{num_steps}step", fn
+
+  def _teacher_ode(self, params, n, seed, num_steps):
+    name, fn = self._teacher_ode_sampler(num_steps)
+    x = self._draw(name, fn, params, n, seed)
+    return sampling.teacher_set(self.teacher_config.sample.method, num_steps, x)
 
   def teacher_samples(self, state, n, seed, num_steps):
     return self._teacher_ode(self.teacher_params(state), n, seed, num_steps)
@@ -97,6 +106,31 @@ class Trainer:
 
   def close(self):
     pass
+
+  # --- ahead-of-time compilation (aot.py): the run's jitted functions on abstract inputs
+
+  def _abstract(self, shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+  def _abstract_tree(self, tree, shardings, dtype=None):
+    return jax.tree.map(lambda a, s: self._abstract(a.shape, dtype or a.dtype, s), tree,
+                        shardings)
+
+  def _abstract_key(self, key):
+    return self._abstract(key.shape, key.dtype, self.sharding.replicated())
+
+  def _abstract_noise(self, batch):
+    return self._abstract((batch,) + tuple(self.shape), jax.numpy.float32,
+                          self.sharding.batch())
+
+  def _sampler_targets(self, params, sample_batch):
+    """The teacher's ODE sampler with the steps the run samples with (config.sample)."""
+    name, fn = self._teacher_ode_sampler(self.teacher_config.sample.steps)
+    return {name: (self._sampler(name, fn).jitted, (params, self._abstract_noise(sample_batch)))}
+
+  def compile_targets(self, sample_batch):
+    """{name: (jitted function, abstract arguments with shardings)}: what the run compiles."""
+    raise NotImplementedError
 
 
 def _teacher_ode_fn(params, z, *, model, num_steps, method, shift):
@@ -147,6 +181,15 @@ class TeacherTrainer(Trainer):
 
   def teacher_params(self, state, use_ema=True):
     return state.ema_params if use_ema else state.params
+
+  def compile_targets(self, sample_batch):
+    state = self._abstract_tree(self.abstract_state, self.shardings)
+    batch = self._abstract((self.config.batch_size,) + tuple(self.shape), jax.numpy.float32,
+                           self.sharding.batch())
+    targets = {"train_step": (self._step.jitted,
+                              (state, batch, self._abstract_key(self.keys.teacher_step)))}
+    params = self._abstract_tree(self.abstract_state.params, self.param_shardings)
+    return {**targets, **self._sampler_targets(params, sample_batch)}
 
   def samples(self, state, n, seed, use_ema=True):
     """The teacher's ODE with config.sample's steps and method."""
@@ -255,6 +298,31 @@ class DistillTrainer(Trainer):
     """The teacher's N-step sets, then the FGM 1-step set, all from the same noise."""
     return super().sample_sets(state, n, seed, teacher_steps) + [self.samples(state, n, seed)]
 
+  def _abstract_teacher(self):
+    """The frozen teacher as the step receives it: config.fgm.teacher_dtype, laid out."""
+    return self._abstract_tree(self.teacher_layout.abstract_state.params, self.param_shardings,
+                               jax.numpy.dtype(self.teacher_dtype))
+
+  def _abstract_cond(self, batch):
+    """Conditioning rows of ``batch`` examples (None for data-free unconditional runs)."""
+    return None
+
+  def _abstract_null(self):
+    return None
+
+  def compile_targets(self, sample_batch):
+    state = self._abstract_tree(self.abstract_state, self.shardings)
+    args = (state, self._abstract_teacher(), self._abstract_cond(self.config.batch_size),
+            self._abstract_key(self.keys.distill_step), self._abstract_null())
+    targets = {"train_step": (self._step.jitted, args)}
+    gen = self._abstract_tree(self.abstract_state.gen_params, self.param_shardings)
+    targets["generator"] = self._generator_target(gen, sample_batch)
+    return {**targets, **self._sampler_targets(self._abstract_teacher(), sample_batch)}
+
+  def _generator_target(self, gen, sample_batch):
+    fn = functools.partial(_generator_fn, model=self.model, t_star=self.config.fgm.t_star)
+    return self._sampler("generator", fn).jitted, (gen, self._abstract_noise(sample_batch))
+
 
 def _teacher_run_config(config):
   """The nested teacher config, completed with the distill run's mesh and batch."""
@@ -288,6 +356,18 @@ def prepare(config, workdir):
     from fgm_jax.sd3 import distill
     return distill.prepare(config, workdir)
   return config
+
+
+def build_abstract(config, workdir, mesh):
+  """(config, trainer) for job=compile: shapes and jitted functions only; no checkpoint,
+  data, teacher weights or prompt cache is read."""
+  if config_checks.is_sd3_distill(config):
+    from fgm_jax.sd3 import distill
+    config = distill.prepare_architecture(config, workdir)
+    return config, distill.SD3DistillTrainer(config, mesh)
+  if config_checks.is_distill(config):
+    return config, DistillTrainer(config, mesh)
+  return config, TeacherTrainer(config, mesh)
 
 
 def build(config, mesh, **kwargs):
