@@ -56,13 +56,14 @@ def aot():
     pip install "jax[tpu]"); None: this machine's devices.
   architecture: SD3 FGM configs without an sd3.folder: a built-in MM-DiT shape
     ('sd3-medium'); None: read from sd3.folder's config.json files.
+  num_layers: MM-DiT depth override for compile-time studies (0: the architecture's own).
   sample_batch: global batch of the compiled samplers (0: config.batch_size).
   functions: which to compile (names as printed; () all of them).
   output: the report, written into --workdir.
   """
   return ml_collections.ConfigDict(dict(
       topology=ml_collections.config_dict.placeholder(str),
-      architecture=ml_collections.config_dict.placeholder(str),
+      architecture=ml_collections.config_dict.placeholder(str), num_layers=0,
       sample_batch=0, functions=(), output="aot.json"))
 
 

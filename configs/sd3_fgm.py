@@ -45,7 +45,10 @@ def get_config(variant=""):
   # The teacher: the architecture is read from <sd3.folder>/transformer at run time
   # (sd3/distill.py); these fields say how the three networks run.
   c.teacher = ml_collections.ConfigDict(dict(
-      model=dict(name="mmdit", dtype="bfloat16", remat="dots", attention_impl="xla"),
+      # scan_layers: one nn.scan over the identical joint blocks (compile time flat in
+      # depth); False unrolls them (today's layout, for comparison).
+      model=dict(name="mmdit", dtype="bfloat16", remat="dots", attention_impl="xla",
+                 scan_layers=True),
       data=dict(name="latents", shape=(64, 64, 16)),  # filled from resolution and the folder
       workdir=None, use_ema=False, seed=0, batch_size=c.batch_size, num_steps=1,
       optim=common.optim(lr=1e-4).to_dict(), flow=common.times(),

@@ -10,9 +10,10 @@ weights; float32 params, bfloat16 compute; 64x64x16 latents (512 px) + 333 text 
 
 Reports the median step time over --repeats calls (warm-up excluded, each call waited with
 block_until_ready), images/s, TFLOP/s from XLA's cost analysis and from an analytic count
-(XLA cannot see inside the cuDNN attention call, so its count misses attention), peak
-device memory when the backend reports it, and checks that the timed calls did not trace or
-compile again. Prints a markdown table.
+(XLA cannot see inside the cuDNN attention call, so its count misses attention, and it counts
+a scanned run of blocks once: --unrolled for its full count), peak device memory when the
+backend reports it, and checks that the timed calls did not trace or compile again. Prints a
+markdown table.
 """
 
 import argparse
@@ -29,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fgm_jax.models import mmdit  # noqa: E402
 
-TINY = dict(mmdit.SD3_MEDIUM, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+TINY = dict(mmdit.SD3_MEDIUM, num_layers=3, num_attention_heads=2, attention_head_dim=16,
             caption_projection_dim=32, joint_attention_dim=24, pooled_projection_dim=16,
             pos_embed_max_size=16)
 
@@ -45,6 +46,8 @@ def parse_args(argv):
   p.add_argument("--remat", default="dots",
                  help="comma list of none|dots|full for forward+backward")
   p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--unrolled", action="store_true",
+                 help="scan_layers=False: one compiled copy per block (compare compile time)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--json", default=None, help="write all numbers to this JSON file")
   args = p.parse_args(argv)
@@ -163,7 +166,8 @@ def check_attention(cfg, args):
 
 def bench(mode, remat, cfg, args, params, inputs):
   module = mmdit.from_diffusers_config(cfg, dtype=args.dtype,
-                                       attention_impl=args.attention_impl, remat=remat)
+                                       attention_impl=args.attention_impl, remat=remat,
+                                       scan_layers=not args.unrolled)
   traces = [0]
 
   def forward(params, x, t, cond):
@@ -217,7 +221,8 @@ def markdown(rows, args, cfg):
       f"({cfg['num_layers']} layers, {cfg['num_attention_heads']}x"
       f"{cfg['attention_head_dim']}), {args.dtype} compute, fp32 params; batch "
       f"{args.batch}, latents {args.latent}x{args.latent}x{cfg['in_channels']}, "
-      f"{args.text_len} text tokens; attention={args.attention_impl}; device: "
+      f"{args.text_len} text tokens; attention={args.attention_impl}; "
+      f"{'unrolled' if args.unrolled else 'scanned'} blocks; device: "
       f"{dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
       "",
       "| pass | remat | median ms | images/s | TFLOP/s (XLA count) | TFLOP/s (model) "
@@ -248,7 +253,7 @@ def main(argv=None):
     args.attention_impl = "xla"
   log(f"attention relative error vs float32: {attn}")
   inputs = make_inputs(cfg, args)
-  module = mmdit.from_diffusers_config(cfg, dtype=args.dtype)
+  module = mmdit.from_diffusers_config(cfg, dtype=args.dtype, scan_layers=not args.unrolled)
   params = jax.block_until_ready(random_params(module, *inputs))
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
   log(f"params: {n_params:,} (float32)")

@@ -45,6 +45,8 @@ def parse_args(argv):
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--guidance", type=float, default=7.0)
   p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "cudnn"])
+  p.add_argument("--unrolled", action="store_true",
+                 help="scan_layers=False: one compiled copy per block (compare compile time)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   args.batch = [int(b) for b in (args.batch or ("2" if args.tiny else "4")).split(",")]
@@ -79,7 +81,8 @@ def build_state(teacher, tx):
 
 def bench_one(cfg, args, remat, batch, teacher):
   module = mmdit.from_diffusers_config(cfg, dtype="bfloat16",
-                                       attention_impl=args.attention_impl, remat=remat)
+                                       attention_impl=args.attention_impl, remat=remat,
+                                       scan_layers=not args.unrolled)
   mesh = parallel.make_mesh()
   ctx = parallel.ShardingContext(mesh, mmdit.LOGICAL_RULES)
   tx = optim.make_optimizer(adam(), mmdit.FROZEN_PARAMS)
@@ -136,7 +139,8 @@ def table(rows, args, cfg, n_params):
   dev = jax.devices()[0]
   out = [f"MM-DiT-FGM iteration, {'tiny' if args.tiny else 'SD3-Medium'} MM-DiT "
          f"({n_params:,} params), latents {args.latent}x{args.latent}, {args.text_len} text "
-         f"tokens, CFG {args.guidance}, attention={args.attention_impl}; {dev.device_kind} "
+         f"tokens, CFG {args.guidance}, attention={args.attention_impl}, "
+         f"{'unrolled' if args.unrolled else 'scanned'} blocks; {dev.device_kind} "
          f"({jax.default_backend()}), jax {jax.__version__}", "",
          "| remat | batch | ms / iteration | generated images/s | TFLOP/s (13F) | peak GiB "
          "| compile s | retraced |", "|---|---|---|---|---|---|---|---|"]
@@ -156,7 +160,7 @@ def main(argv=None):
   cfg = bench_mmdit.TINY if args.tiny else mmdit.SD3_MEDIUM
   t0 = time.perf_counter()
   log = lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True)
-  module = mmdit.from_diffusers_config(cfg)
+  module = mmdit.from_diffusers_config(cfg, scan_layers=not args.unrolled)
   x, t, cond = mmdit.dummy_inputs(module, height=4, width=4)
   params = bench_mmdit.random_params(module, x, t, cond)
   n_params = sum(a.size for a in jax.tree.leaves(params))

@@ -87,6 +87,8 @@ def device_memory(device) -> Optional[int]:
 def topology_devices(name: str):
   """The chips of TPU topology ``name`` ('v5p:2x2x1'), compiled for without a TPU."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # tests run several at once
+  # Off a TPU VM libtpu finds no worker list and logs an error line about it: name this host.
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   import importlib.util
   from jax.experimental import topologies
   if importlib.util.find_spec("libtpu") is None:
@@ -174,6 +176,21 @@ def _while_trips(eqn) -> int:
 # ---------------------------------------------------------------------------- one function
 
 
+PROGRAM_OPS = ("convolution", "dot_general", "reduce", "is_finite", "broadcast_in_dim",
+               "while", "rng_bit_generator", "threefry2x32", "custom_call")
+
+
+def program_size(lowered_text: str, compiled_text: str) -> dict:
+  """What makes a program big: op counts of the lowered StableHLO (before XLA's passes) and
+  the compiled program's fusions and instructions."""
+  ops = {op: len(re.findall(rf"\bstablehlo\.{op}\b", lowered_text)) for op in PROGRAM_OPS}
+  ops["func_calls"] = len(re.findall(r"\bcall @", lowered_text))
+  ops["compiled_fusions"] = len(re.findall(r"^\s*(?:ROOT )?%\S+ = .*? fusion\(", compiled_text,
+                                           re.M))
+  ops["compiled_instructions"] = len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", compiled_text, re.M))
+  return {k: v for k, v in ops.items() if v}
+
+
 def collectives(hlo_text: str) -> dict:
   """Count of each collective kind in a compiled program's HLO (async pairs counted once)."""
   counts = collections.Counter()
@@ -235,13 +252,17 @@ def compile_one(name, jitted, args, sharding, images):
     row["total_bytes"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                           - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   xla_flops = float(cost.get("flops", 0.0) or 0.0)
-  row.update(flops_per_chip=flops / n_dev, xla_flops_per_chip=xla_flops)
+  row.update(flops_per_chip=flops / n_dev, xla_flops_per_chip=xla_flops,
+             xla_cost={k: float(v) for k, v in cost.items() if "{" not in k})
   seconds = cost.get("optimal_seconds")
   if seconds and seconds > 0:
     # XLA counts loop bodies once: scale its time by the FLOPs it missed.
     scale = max(1.0, (flops / n_dev) / xla_flops) if xla_flops > 0 else 1.0
     row.update(xla_optimal_s=float(seconds), estimated_step_s=float(seconds) * scale)
-  row["collectives"] = collectives(compiled.as_text() or "")
+  compiled_text = compiled.as_text() or ""
+  row["collectives"] = collectives(compiled_text)
+  row["program"] = program_size(lowered.as_text(), compiled_text)
+  row["state_leaves"] = len(jax.tree.leaves(args[0]))
   return row
 
 

@@ -157,13 +157,30 @@ def cfg_velocity(v_uncond, v_cond, scale: float):
   return v_uncond + scale * (v_cond - v_uncond)
 
 
+def _pair(a, b):
+  """(B, ...) and (B, ...) -> (2B, ...) with rows a0, b0, a1, b1, ...: each example's two
+  copies sit next to each other, so a batch split over devices stays on its devices."""
+  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def _unpair(ab):
+  ab = ab.reshape((ab.shape[0] // 2, 2) + ab.shape[1:])
+  return ab[:, 0], ab[:, 1]
+
+
 def guided(velocity_fn_cond: Callable, cond, null_cond, scale: float) -> VelocityFn:
-  """Wraps ``velocity_fn_cond(x, t, cond)`` into a CFG velocity function of (x, t)."""
+  """Wraps ``velocity_fn_cond(x, t, cond)`` into a CFG velocity function of (x, t).
+
+  ``cond`` and ``null_cond`` have the batch's leading axis. The unconditional and conditional
+  fields are one network pass over the doubled batch (as diffusers' pipelines do): one
+  program for the compiler instead of two, and larger matmuls.
+  """
 
   def fn(x, t):
     if scale == 1.0:
       return velocity_fn_cond(x, t, cond)
-    return cfg_velocity(velocity_fn_cond(x, t, null_cond), velocity_fn_cond(x, t, cond), scale)
+    both = velocity_fn_cond(_pair(x, x), _pair(t, t), jax.tree.map(_pair, null_cond, cond))
+    return cfg_velocity(*_unpair(both), scale)
 
   return fn
 

@@ -80,8 +80,19 @@ def test_cfg_velocity():
   np.testing.assert_allclose(flow.cfg_velocity(vu, vc, 1.0), vc)
   np.testing.assert_allclose(flow.cfg_velocity(vu, vc, 0.0), vu)
   np.testing.assert_allclose(flow.cfg_velocity(vu, vc, 2.0), 5.0)
-  fn = flow.guided(lambda x, t, c: x * c, cond=2.0, null_cond=0.0, scale=3.0)
-  np.testing.assert_allclose(fn(jnp.array([1.0]), None), 6.0)
+  # One pass over the doubled batch; each example keeps its own t and conditioning.
+  calls = []
+
+  def net(x, t, c):
+    calls.append(x.shape)
+    return x * c["w"][:, None] + t[:, None]
+  x, t = jnp.array([[1.0], [2.0], [3.0]]), jnp.array([0.1, 0.2, 0.3])
+  cond, null = {"w": jnp.array([2.0, 4.0, 6.0])}, {"w": jnp.zeros(3)}
+  got = flow.guided(net, cond=cond, null_cond=null, scale=3.0)(x, t)
+  want = flow.cfg_velocity(net(x, t, null), net(x, t, cond), 3.0)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got[:, 0], [6.1, 24.2, 54.3], rtol=1e-6)
+  assert calls[0] == (6, 1)
   np.testing.assert_allclose(flow.sd3_timestep(jnp.array(0.25)), 250.0)
 
 

@@ -23,11 +23,14 @@ pytestmark = pytest.mark.skipif(
     reason="needs 8 devices: run this file in its own process so XLA_FLAGS="
            "--xla_force_host_platform_device_count=8 takes effect before jax starts")
 
-# Widths divisible by fsdp=4 and tensor=2 so every split is even.
-CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+# Widths divisible by fsdp=4 and tensor=2 so every split is even. Blocks 0-1 (dual
+# attention) run as one scan with params stacked on a leading 'layers' axis; block 2 is the
+# last, context_pre_only block.
+CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
               num_attention_heads=4, joint_attention_dim=12, caption_projection_dim=32,
               pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
-              dual_attention_layers=(0,), qk_norm="rms_norm")
+              dual_attention_layers=(0, 1), qk_norm="rms_norm")
+RUN = "transformer_blocks_0_to_1"  # the scanned run: leaves are (2, ...)
 BATCH = 8  # split over data x fsdp
 
 
@@ -75,13 +78,15 @@ def assert_split(array, spec, shard_shape):
 def test_fsdp_mesh(setup):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
   sharded, out = shard_and_run(setup, mesh, mmdit.LOGICAL_RULES)
-  block = sharded["transformer_blocks_0"]
+  block = sharded[RUN]  # stacked: the 'layers' axis is replicated, the rest as one block's
   d = 32
-  assert_split(block["ff"]["fc1"]["kernel"], P("fsdp", None), (d // 4, 4 * d))
-  assert_split(block["ff"]["fc2"]["kernel"], P(None, "fsdp"), (4 * d, d // 4))
-  assert_split(block["attn"]["to_q"]["kernel"], P("fsdp", None), (d // 4, d))
-  assert_split(block["attn2"]["to_out"]["kernel"], P(None, "fsdp"), (d, d // 4))
-  assert_split(block["norm1"]["linear"]["kernel"], P("fsdp", None), (d // 4, 9 * d))
+  assert_split(block["ff"]["fc1"]["kernel"], P(None, "fsdp", None), (2, d // 4, 4 * d))
+  assert_split(block["ff"]["fc2"]["kernel"], P(None, None, "fsdp"), (2, 4 * d, d // 4))
+  assert_split(block["attn"]["to_q"]["kernel"], P(None, "fsdp", None), (2, d // 4, d))
+  assert_split(block["attn2"]["to_out"]["kernel"], P(None, None, "fsdp"), (2, d, d // 4))
+  assert_split(block["norm1"]["linear"]["kernel"], P(None, "fsdp", None), (2, d // 4, 9 * d))
+  assert_split(sharded["transformer_blocks_2"]["ff"]["fc1"]["kernel"], P("fsdp", None),
+               (d // 4, 4 * d))
   assert_split(sharded["context_embedder"]["kernel"], P(None, "fsdp"), (12, d // 4))
   assert_split(sharded["pos_embed"], P(None, None, "fsdp"), (1, 64, d // 4))
   assert_split(sharded["timestep_embedder_linear_2"]["kernel"], P(None, "fsdp"),
@@ -106,19 +111,21 @@ def test_fsdp_gradients_match(setup):
   for path, g in common.flatten(got).items():
     np.testing.assert_allclose(np.asarray(g), np.asarray(common.flatten(want)[path]),
                                rtol=1e-4, atol=1e-6, err_msg=str(path))
-  kernel = got["transformer_blocks_0"]["ff"]["fc1"]["kernel"]
-  assert kernel.sharding.spec == P("fsdp", None)
+  kernel = got[RUN]["ff"]["fc1"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp", None)
 
 
 def test_fsdp_tensor_mesh(setup):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
   sharded, out = shard_and_run(setup, mesh, mmdit.TENSOR_LOGICAL_RULES)
-  block = sharded["transformer_blocks_1"]
+  block = sharded["transformer_blocks_2"]
   d = 32
   assert_split(block["ff"]["fc1"]["kernel"], P("fsdp", "tensor"), (d // 2, 2 * d))
   assert_split(block["attn"]["to_k"]["kernel"], P("fsdp", "tensor"), (d // 2, d // 2))
   assert_split(block["attn"]["to_out"]["kernel"], P("tensor", "fsdp"), (d // 2, d // 2))
   assert_split(block["norm1"]["linear"]["kernel"], P("fsdp", None), (d // 2, 6 * d))
+  assert_split(sharded[RUN]["attn2"]["to_q"]["kernel"], P(None, "fsdp", "tensor"),
+               (2, d // 2, d // 2))
   np.testing.assert_allclose(np.asarray(out), setup[-1], rtol=1e-5, atol=1e-5)
 
 

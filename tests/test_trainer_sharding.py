@@ -22,8 +22,9 @@ from tests.mmdit_reference import random_params
 pytestmark = pytest.mark.skipif(jax.device_count() < 8,
                                 reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
-# Widths divisible by fsdp=4; two blocks, the second the context_pre_only last block.
-MMDIT = dict(name="mmdit", sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+# Widths divisible by fsdp=4; three blocks: 0-1 one scan (params stacked on a leading
+# 'layers' axis), 2 the context_pre_only last block.
+MMDIT = dict(name="mmdit", sample_size=8, patch_size=2, in_channels=4, num_layers=3,
              attention_head_dim=8, num_attention_heads=4, joint_attention_dim=12,
              caption_projection_dim=32, pooled_projection_dim=8, out_channels=4,
              pos_embed_max_size=8, dual_attention_layers=(), qk_norm="rms_norm")
@@ -95,13 +96,15 @@ def test_large_kernels_are_split_over_fsdp(runs):
   _, state, _ = runs["fsdp4"]
   d = WIDTH
   for tree in (state.gen_params, state.online_params, state.gen_ema_params):
-    block = tree["transformer_blocks_0"]
-    _split(block["ff"]["fc1"]["kernel"], P("fsdp", None), (d // 4, 4 * d))
-    _split(block["ff"]["fc2"]["kernel"], P(None, "fsdp"), (4 * d, d // 4))
-    _split(block["attn"]["to_q"]["kernel"], P("fsdp", None), (d // 4, d))
-    _split(block["norm1"]["linear"]["kernel"], P("fsdp", None), (d // 4, 6 * d))
+    block = tree["transformer_blocks_0_to_1"]
+    _split(block["ff"]["fc1"]["kernel"], P(None, "fsdp", None), (2, d // 4, 4 * d))
+    _split(block["ff"]["fc2"]["kernel"], P(None, None, "fsdp"), (2, 4 * d, d // 4))
+    _split(block["attn"]["to_q"]["kernel"], P(None, "fsdp", None), (2, d // 4, d))
+    _split(block["norm1"]["linear"]["kernel"], P(None, "fsdp", None), (2, d // 4, 6 * d))
+    _split(tree["transformer_blocks_2"]["ff"]["fc1"]["kernel"], P("fsdp", None),
+           (d // 4, 4 * d))
   # Adam's moments follow their parameter.
-  fc1 = state.gen_params["transformer_blocks_0"]["ff"]["fc1"]["kernel"]
+  fc1 = state.gen_params["transformer_blocks_0_to_1"]["ff"]["fc1"]["kernel"]
   moments = [x for x in jax.tree.leaves(state.gen_opt_state) if x.shape == fc1.shape]
   assert len(moments) >= 2 and all(m.sharding.spec == fc1.sharding.spec for m in moments)
 

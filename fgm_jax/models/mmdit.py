@@ -22,6 +22,16 @@ statistics and the timestep sinusoid are computed in float32. The positional tab
 frozen buffer in diffusers; here it lives in ``params['pos_embed']`` so one tree loads and
 saves, and ``trainable_mask`` excludes it from optimizers.
 
+Block layout (``scan_layers``, default True): ``block_groups`` splits the blocks into runs
+of identical ones (SD3.5's dual-attention prefix, the plain joint blocks; the last,
+context_pre_only block always alone). A run of two or more is one ``nn.scan`` over the block
+(remat inside the scanned body), so compile time does not grow with depth; its params live
+under ``transformer_blocks_{start}_to_{stop-1}`` with every leaf stacked on a new leading
+axis (logical name 'layers'); a lone block keeps ``transformer_blocks_{i}``. With
+``scan_layers=False`` every block is its own ``transformer_blocks_{i}`` (unrolled).
+``stack_blocks`` / ``unstack_blocks`` convert between the two; the diffusers converters map
+names in the unrolled layout and stack or unstack.
+
 Sharding: every parameter carries logical axis names (see ``LOGICAL_RULES``):
 
     embed      hidden width D of the transformer        -> 'fsdp'  (every big matrix has it)
@@ -37,6 +47,7 @@ Sharding: every parameter carries logical axis names (see ``LOGICAL_RULES``):
     patch_out  proj_out outputs (p * p * C)              -> None
     pos        positional-table rows                     -> None
     kv         per-head channels (RMSNorm scales)        -> None
+    layers     leading axis of a scanned run's stacked params -> None
 Activations: batch -> ('data', 'fsdp'); length, act_embed, act_kv, act_mod -> None;
 act_heads, act_mlp -> 'tensor' in the tensor-parallel rules. Run sharded code inside
 ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` so the activation
@@ -57,8 +68,8 @@ from fgm_jax import parallel
 # Logical axis -> mesh axis (default: FSDP only, for a ('data', 'fsdp') mesh).
 LOGICAL_RULES = parallel.fsdp_rules(
     ("embed_in", "mlp", "heads", "mod", "context_in", "pooled_in", "freq", "conv_h", "conv_w",
-     "conv_in", "patch_out", "pos", "kv", "length", "act_embed", "act_heads", "act_kv",
-     "act_mlp", "act_mod"))
+     "conv_in", "patch_out", "pos", "kv", "layers", "length", "act_embed", "act_heads",
+     "act_kv", "act_mlp", "act_mod"))
 
 # For a ('data', 'fsdp', 'tensor') mesh: Megatron-style splits of the head and MLP axes on
 # top of FSDP over 'embed'. The adaLN projections stay FSDP-only: splitting their outputs
@@ -317,8 +328,88 @@ class JointBlock(nn.Module):
     return x, context
 
 
+# ----------------------------------------------------------------------------- block layout
+
+
+def _block_kind(i, num_layers, dual_attention_layers):
+  """(dual_attention, context_pre_only) of block ``i``: what makes blocks differ."""
+  return i in tuple(dual_attention_layers), i == num_layers - 1
+
+
+def block_groups(num_layers, dual_attention_layers=()):
+  """Runs of consecutive identical blocks: [(start, stop, dual_attention, context_pre_only)].
+
+  The last block (context_pre_only) is always alone; SD3.5's dual-attention prefix and the
+  plain joint blocks form their own runs. A run of two or more is scanned.
+  """
+  groups = []
+  for i in range(num_layers):
+    kind = _block_kind(i, num_layers, dual_attention_layers)
+    if groups and groups[-1][2:] == kind and not kind[1]:
+      groups[-1] = (groups[-1][0], i + 1) + kind
+    else:
+      groups.append((i, i + 1) + kind)
+  return groups
+
+
+def block_name(i):
+  return f"transformer_blocks_{i}"
+
+
+def group_name(start, stop):
+  """Params name of blocks [start, stop): a scanned run holds stacked leaves."""
+  return block_name(start) if stop - start == 1 else f"{block_name(start)}_to_{stop - 1}"
+
+
+def _scan_step(block, carry, temb):
+  return block(*carry, temb), None
+
+
+def _runs(module):
+  """(start, stop) of every run that ``module``'s architecture scans when scanning."""
+  return [(start, stop) for start, stop, *_ in
+          block_groups(module.num_layers, module.dual_attention_layers) if stop - start > 1]
+
+
+def _stack(*leaves):
+  if all(isinstance(a, np.ndarray) for a in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)
+
+
+def stack_blocks(params, module):
+  """Unrolled params (``transformer_blocks_{i}``) -> ``module``'s layout: every scanned run
+  becomes one subtree whose leaves are stacked along a new leading axis. Runs already
+  stacked are kept; the identity when ``module.scan_layers`` is False."""
+  out = dict(params)
+  if not module.scan_layers:
+    return out
+  for start, stop in _runs(module):
+    if group_name(start, stop) not in out:
+      blocks = [out.pop(block_name(i)) for i in range(start, stop)]
+      out[group_name(start, stop)] = jax.tree.map(_stack, *blocks)
+  return out
+
+
+def unstack_blocks(params, module):
+  """The inverse of ``stack_blocks``: stacked runs -> ``transformer_blocks_{i}``. Takes
+  either layout of ``module``'s architecture (an unrolled tree comes back unchanged)."""
+  out = dict(params)
+  for start, stop in _runs(module):
+    stacked = out.pop(group_name(start, stop), None)
+    if stacked is not None:
+      for k, i in enumerate(range(start, stop)):
+        out[block_name(i)] = jax.tree.map(lambda a, k=k: a[k], stacked)
+  return out
+
+
+def to_layout(params, module):
+  """Params of ``module``'s architecture in either layout -> ``module``'s own."""
+  return stack_blocks(unstack_blocks(params, module), module)
+
+
 class MMDiT(nn.Module):
-  """SD3 MM-DiT velocity net. Fields are diffusers' config.json keys plus dtype options."""
+  """SD3 MM-DiT velocity net. Fields are diffusers' config.json keys plus run options."""
   sample_size: int = 128
   patch_size: int = 2
   in_channels: int = 16
@@ -335,6 +426,7 @@ class MMDiT(nn.Module):
   dtype: Any = jnp.float32          # compute dtype; params are always float32
   attention_impl: str = "xla"       # 'xla' anywhere, 'cudnn' on GPUs (bf16/fp16)
   remat: str = "none"               # 'none' | 'full' | 'dots' (save matmul outputs)
+  scan_layers: bool = True          # scan runs of identical blocks (see block_groups)
 
   @property
   def inner_dim(self):
@@ -353,12 +445,34 @@ class MMDiT(nn.Module):
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}; use 'none', 'full' or 'dots'.")
 
-  def _block_class(self):
+  def _block_class(self, scanned=False):
     if self.remat == "none":
       return JointBlock
     policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
               if self.remat == "dots" else None)
-    return nn.remat(JointBlock, policy=policy)
+    # Inside a scan the loop already keeps XLA from CSE-ing the recompute away, and
+    # prevent_cse=True would only block optimisations (flax's advice for remat in scan).
+    return nn.remat(JointBlock, policy=policy, prevent_cse=not scanned)
+
+  def _blocks(self, tokens, context, temb):
+    """The joint blocks in order: unrolled, or each run of identical blocks scanned."""
+    groups = (block_groups(self.num_layers, self.dual_attention_layers) if self.scan_layers
+              else [(i, i + 1) + _block_kind(i, self.num_layers, self.dual_attention_layers)
+                    for i in range(self.num_layers)])
+    for start, stop, dual, pre_only in groups:
+      scanned = stop - start > 1
+      block = self._block_class(scanned)(
+          heads=self.num_attention_heads, head_dim=self.attention_head_dim,
+          qk_norm=self.qk_norm, context_pre_only=pre_only, dual_attention=dual,
+          attention_impl=self.attention_impl, dtype=self.dtype, name=group_name(start, stop))
+      if not scanned:
+        tokens, context = block(tokens, context, temb)
+        continue
+      scan = nn.scan(_scan_step, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast,), length=stop - start,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+      (tokens, context), _ = scan(block, (tokens, context), temb)
+    return tokens, context
 
   @nn.compact
   def __call__(self, x, t, cond=None, train=False):
@@ -380,14 +494,7 @@ class MMDiT(nn.Module):
     context = _dense(self.caption_projection_dim, ("context_in", "embed"),
                      "context_embedder", self.dtype)(cond["context"].astype(self.dtype))
 
-    block_cls = self._block_class()
-    for i in range(self.num_layers):
-      tokens, context = block_cls(
-          heads=self.num_attention_heads, head_dim=self.attention_head_dim,
-          qk_norm=self.qk_norm, context_pre_only=i == self.num_layers - 1,
-          dual_attention=i in tuple(self.dual_attention_layers),
-          attention_impl=self.attention_impl, dtype=self.dtype,
-          name=f"transformer_blocks_{i}")(tokens, context, temb)
+    tokens, context = self._blocks(tokens, context, temb)
 
     scale, shift = AdaNorm(2, self.dtype, name="norm_out")(temb, dim)
     tokens = modulate(layer_norm(tokens), shift, scale)
@@ -443,23 +550,35 @@ def _dtype(name):
   return jnp.dtype(name) if isinstance(name, str) else name
 
 
-def from_diffusers_config(config, dtype=jnp.float32, attention_impl="xla", remat="none"):
-  """Builds an MMDiT from a diffusers config.json dict (unknown keys are ignored)."""
+def from_diffusers_config(config, dtype=jnp.float32, attention_impl="xla", remat="none",
+                          scan_layers=None):
+  """Builds an MMDiT from a diffusers config.json dict (unknown keys are ignored).
+
+  ``scan_layers``: None takes the dict's 'scan_layers' key, default True (config.json files
+  have none: the layout is ours, not diffusers')."""
   kw = {k: config.get(k, DIFFUSERS_DEFAULTS[k]) for k in _CONFIG_KEYS}
   kw["dual_attention_layers"] = tuple(kw["dual_attention_layers"] or ())
-  return MMDiT(dtype=_dtype(dtype), attention_impl=attention_impl, remat=remat, **kw)
+  if scan_layers is None:
+    scan_layers = config.get("scan_layers", True)
+  return MMDiT(dtype=_dtype(dtype), attention_impl=attention_impl, remat=remat,
+               scan_layers=bool(scan_layers), **kw)
+
+
+# config.model fields besides diffusers' keys (scan_layers also decides the params layout).
+_RUN_KEYS = ("dtype", "attention_impl", "remat", "scan_layers")
 
 
 def from_config(model_config):
   """Registry factory: ConfigDict with name='mmdit' and diffusers' keys (+ dtype options)."""
   cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-  unknown = set(cfg) - set(_CONFIG_KEYS) - {"name", "dtype", "attention_impl", "remat"}
+  unknown = set(cfg) - set(_CONFIG_KEYS) - {"name"} - set(_RUN_KEYS)
   if unknown:
     raise ValueError(f"config.model has unknown MM-DiT fields {sorted(unknown)}; "
-                     f"known: {sorted(_CONFIG_KEYS + ('dtype', 'attention_impl', 'remat'))}.")
+                     f"known: {sorted(_CONFIG_KEYS + _RUN_KEYS)}.")
   return from_diffusers_config(cfg, dtype=cfg.get("dtype", "float32"),
                                attention_impl=cfg.get("attention_impl", "xla"),
-                               remat=cfg.get("remat", "none"))
+                               remat=cfg.get("remat", "none"),
+                               scan_layers=cfg.get("scan_layers", True))
 
 
 def diffusers_config(module: MMDiT):

@@ -115,6 +115,8 @@ def prepare_architecture(config, workdir):
     c = tiny.resolve(c, workdir).copy_and_resolve_references()
     arch = _architecture(transformer_config(c.sd3.folder))
     down = latent_downscale(c.sd3.folder)
+  if "aot" in c and c.aot.num_layers:  # compile-time studies at other depths
+    arch["num_layers"] = c.aot.num_layers
   with c.unlocked():
     c.teacher.model.update(arch)
     c.teacher.data.shape = (c.resolution // down, c.resolution // down, arch["in_channels"])

@@ -145,6 +145,7 @@ def _setup(config, mesh, mmdit_params=None):
   """(sd3, mesh, placed (MM-DiT, VAE) params, jitted sampler, latent shape) for
   config.sample; ``mmdit_params`` replaces the folder's MM-DiT (a distilled generator)."""
   from fgm_jax import parallel
+  from fgm_jax.models import mmdit
   s = config.sample
   sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
   mesh = mesh or parallel.mesh_from_config(config.mesh)
@@ -153,7 +154,9 @@ def _setup(config, mesh, mmdit_params=None):
   down = sd3.latent_downscale
   shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
   param_shardings = sd3_shardings(sd3, sharding)
-  mmdit_params = sd3.mmdit_params if mmdit_params is None else mmdit_params
+  # A generator trained with another config.model.scan_layers comes in the other layout.
+  mmdit_params = (sd3.mmdit_params if mmdit_params is None
+                  else mmdit.to_layout(mmdit_params, sd3.mmdit))
   # Placed once: the weights stay on the devices for every batch.
   params = jax.device_put((mmdit_params, sd3.vae_params), param_shardings)
   fn = _sampler(sd3, s.steps, s.guidance, sharding, param_shardings)

@@ -25,7 +25,7 @@ CLIP_G = dict(hidden_size=24, intermediate_size=48, projection_dim=24, num_hidde
 T5 = dict(d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
           relative_attention_num_buckets=8, relative_attention_max_distance=16,
           feed_forward_proj="gated-gelu")
-MMDIT = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+MMDIT = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
              num_attention_heads=2, joint_attention_dim=T5["d_model"],
              caption_projection_dim=16,
              pooled_projection_dim=CLIP_L["projection_dim"] + CLIP_G["projection_dim"],

@@ -1,0 +1,149 @@
+"""The TPU scale tables: real-size steps compiled for TPU slices on this machine (job=compile).
+
+    python experiments/tpu_aot_study.py sd3 runs/tpu_aot          # SD3-Medium FGM, batch search
+    python experiments/tpu_aot_study.py depth runs/tpu_aot        # compile time vs MM-DiT depth
+    python experiments/tpu_aot_study.py cifar runs/tpu_aot        # CIFAR-10 FGM/teacher/sampling
+    python experiments/tpu_aot_study.py table runs/tpu_aot        # markdown of everything done
+
+Each case is one `python -m fgm_jax.main ... --config.job=compile` in its own workdir
+(<root>/<case>/aot.json); a case whose aot.json exists is not run again, so the study resumes.
+The batch search doubles the global batch from the smallest the mesh splits until a function
+no longer fits (the job exits 2), per topology and remat. Wall time per case goes to
+<root>/times.tsv. Every figure except compile time and memory is the compiler's estimate.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SD3 = ["--config=configs/sd3_fgm.py", "--config.aot.architecture=sd3-medium"]
+# (slice, topology, chips, fsdp): the state (53.3 GB at fsdp 1) over enough chips.
+SD3_SLICES = (("v5p-8", "v5p:2x2x1", 4, 4), ("v6e-8", "v6e:2x4", 8, 8),
+              ("v5e-16", "v5e:4x4", 16, 16), ("v5p-16", "v5p:2x2x2", 8, 4))
+CIFAR = ["--config=configs/cifar10_fgm.py", "--config.teacher.model.dtype=bfloat16"]
+CIFAR_TEACHER = ["--config=configs/cifar10_teacher.py", "--config.model.dtype=bfloat16"]
+
+
+def run_case(root, name, args, timeout=3600):
+  """Runs one compile job unless done; returns its aot.json (None if it did not finish)."""
+  workdir = os.path.join(root, name)
+  path = os.path.join(workdir, "aot.json")
+  done = os.path.join(workdir, "done")
+  if os.path.exists(done):
+    return _read(path)
+  os.makedirs(workdir, exist_ok=True)
+  cmd = [sys.executable, "-m", "fgm_jax.main", f"--workdir={workdir}", "--config.job=compile",
+         *args]
+  print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
+  t0 = time.time()
+  with open(os.path.join(workdir, "log.txt"), "w") as log:
+    try:
+      r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+      status = r.returncode
+    except subprocess.TimeoutExpired:
+      status = "timeout"
+  wall = time.time() - t0
+  with open(os.path.join(root, "times.tsv"), "a") as f:
+    f.write(f"{name}\t{status}\t{wall:.0f}\t{' '.join(args)}\n")
+  report = _read(path)
+  if report is not None:
+    report["status"], report["wall_s"], report["command"] = status, wall, " ".join(cmd[2:])
+    with open(path, "w") as f:
+      json.dump(report, f, indent=1)
+  if status in (0, 2):
+    open(done, "w").close()
+  print(f"  -> status {status} in {wall:.0f} s", flush=True)
+  return report
+
+
+def _read(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def fits(report):
+  return report is not None and all(r.get("fits") for r in report["functions"])
+
+
+def sd3(root, remats=("none", "dots", "full"), slices=SD3_SLICES, functions="('train_step',)"):
+  for slice_name, topo, chips, fsdp in slices:
+    for remat in remats:
+      batch = chips  # one example per chip, then doubling
+      while batch <= 64 * chips:
+        report = run_case(root, f"sd3_{slice_name}_{remat}_b{batch}",
+                          SD3 + [f"--config.aot.topology={topo}", f"--config.mesh.fsdp={fsdp}",
+                                 f"--config.teacher.model.remat={remat}",
+                                 f"--config.batch_size={batch}",
+                                 f"--config.aot.functions={functions}"])
+        if not fits(report):
+          break
+        batch *= 2
+
+
+def sd3_sampling(root):
+  for slice_name, topo, chips, fsdp in SD3_SLICES[:1]:
+    run_case(root, f"sd3_{slice_name}_sampling",
+             SD3 + [f"--config.aot.topology={topo}", f"--config.mesh.fsdp={fsdp}",
+                    f"--config.batch_size={8 * chips}",
+                    "--config.aot.functions=('generator','teacher_cfg_28step')"])
+
+
+def depth(root, depths=(1, 2, 4, 8, 24), unrolled=(1, 2, 4)):
+  for scan in (True, False):
+    for n in depths if scan else unrolled:
+      run_case(root, f"depth_{'scan' if scan else 'unrolled'}_{n}",
+               SD3 + ["--config.aot.topology=v5p:2x2x1", "--config.mesh.fsdp=4",
+                      "--config.batch_size=8", "--config.teacher.model.remat=none",
+                      f"--config.teacher.model.scan_layers={scan}",
+                      f"--config.aot.num_layers={n}", "--config.aot.functions=('train_step',)"])
+
+
+def cifar(root):
+  for name, topo, chips in (("v5e-4", "v5e:2x2", 4), ("v6e-4", "v6e:2x2", 4),
+                            ("v5p-8", "v5p:2x2x1", 4)):
+    for per_chip in (128,):
+      batch = per_chip * chips
+      run_case(root, f"cifar_fgm_{name}_b{batch}",
+               CIFAR + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
+                        "--config.aot.functions=('train_step','generator')"])
+      run_case(root, f"cifar_teacher_{name}_b{batch}",
+               CIFAR_TEACHER + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
+                                "--config.aot.functions=('train_step',)"])
+
+
+def table(root):
+  rows = []
+  for name in sorted(os.listdir(root)):
+    report = _read(os.path.join(root, name, "aot.json"))
+    if report is None:
+      continue
+    for f in report["functions"]:
+      rows.append((name, report, f))
+  print("| case | function | global batch | compile s | GiB per chip (of) | fits | code MB "
+        "| est. img/s/chip | bf16 util | collectives |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, report, f in rows:
+    cfg = report["config"]
+    util = f"{100 * f['utilisation']:.0f}%" if f.get("utilisation") else "-"
+    rate = f"{f['images_per_s_per_chip']:.2f}" if f.get("images_per_s_per_chip") else "-"
+    total = f.get("total_bytes")
+    of = f.get("device_bytes") or report.get("device_bytes")
+    mem = (f"{total / 2**30:.1f} ({of / 2**30:.0f})" if total and of else "-")
+    coll = ", ".join(f"{k} {v}" for k, v in f.get("collectives", {}).items()) or "-"
+    code = f"{f['code_bytes'] / 1e6:.0f}" if f.get("code_bytes") else "-"
+    print(f"| {name} | {f['name']} | {cfg['batch_size'] if f['name'] == 'train_step' else f['images']}"
+          f" | {f['compile_s']:.0f} | {mem} | {'yes' if f.get('fits') else 'NO'} | {code} | "
+          f"{rate} | {util} | {coll} |")
+
+
+if __name__ == "__main__":
+  what, root = sys.argv[1], sys.argv[2]
+  os.makedirs(root, exist_ok=True)
+  {"sd3": sd3, "sd3_sampling": sd3_sampling, "depth": depth, "cifar": cifar,
+   "table": table}[what](root)
