@@ -26,12 +26,13 @@ from fgm_jax.convert import common, mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
 from tests.mmdit_reference import random_inputs, random_params  # noqa: E402
 
-# Three blocks: 0-1 one scan, 2 the last (context_pre_only) block.
+# Three blocks, one scan: the last (context_pre_only) block runs in it as a padded full block.
 PLAIN = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
              num_attention_heads=2, joint_attention_dim=10, caption_projection_dim=16,
              pooled_projection_dim=6, out_channels=4, pos_embed_max_size=6,
              dual_attention_layers=(), qk_norm=None)
-# SD3.5-like: a dual-attention prefix (0-1, one scan), a lone plain block 2, the last block.
+# SD3.5-like: a dual-attention prefix (0-1, one scan), then plain block 2 and the last block
+# (one scan).
 DUAL = dict(PLAIN, num_layers=4, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 CONFIGS = {"plain": PLAIN, "dual_rms": DUAL}
 RTOL = 1e-5
@@ -61,13 +62,13 @@ def rel_err(a, b):
 
 
 def test_block_groups():
-  assert mmdit.block_groups(24) == [(0, 23, False, False), (23, 24, False, True)]  # SD3-M
+  assert mmdit.block_groups(24) == [(0, 24, False, True)]  # SD3-Medium: one run
   sd35 = mmdit.block_groups(24, tuple(range(13)))  # SD3.5-Medium's dual prefix
-  assert sd35 == [(0, 13, True, False), (13, 23, False, False), (23, 24, False, True)]
-  assert mmdit.block_groups(1) == [(0, 1, False, True)]
+  assert sd35 == [(0, 13, True, False), (13, 24, False, True)]
+  assert mmdit.block_groups(1) == [(0, 1, False, True)]  # alone: a real context_pre_only
   assert mmdit.block_groups(2, (0,)) == [(0, 1, True, False), (1, 2, False, True)]
-  # Not a prefix: runs break wherever the kind changes; the last block is alone even when
-  # it is a dual-attention block.
+  # Not a prefix: runs break wherever the attention changes; a dual last block after a plain
+  # one stays alone.
   assert mmdit.block_groups(5, (0, 2, 4)) == [
       (0, 1, True, False), (1, 2, False, False), (2, 3, True, False), (3, 4, False, False),
       (4, 5, True, True)]
@@ -80,10 +81,16 @@ def test_sd3_medium_params_layout():
                                             pos_embed_max_size=4))
   params = nn.unbox(mmdit.abstract_variables(module, height=4, width=4, text_len=1))["params"]
   blocks = sorted(k for k in params if k.startswith("transformer_blocks_"))
-  assert blocks == ["transformer_blocks_0_to_22", "transformer_blocks_23"]
-  assert params["transformer_blocks_0_to_22"]["ff"]["fc1"]["kernel"].shape == (23, 8, 32)
-  assert params["transformer_blocks_23"]["ff"]["fc1"]["kernel"].shape == (8, 32)
-  assert mmdit.param_count(module) == mmdit.param_count(module.clone(scan_layers=False))
+  assert blocks == ["transformer_blocks_0_to_23"]
+  run = params["transformer_blocks_0_to_23"]
+  assert run["ff"]["fc1"]["kernel"].shape == (24, 8, 32)
+  assert run["norm1_context"]["linear"]["kernel"].shape == (24, 8, 48)
+  # The padding the last block gets: its context MLP and output projection, and 4 of its 6
+  # context adaLN chunks (d = 8).
+  d = 8
+  padding = (d * 4 * d + 4 * d + 4 * d * d + d) + (d * d + d) + 4 * (d * d + d)
+  unrolled = mmdit.param_count(module.clone(scan_layers=False))
+  assert mmdit.param_count(module) == unrolled + padding
 
 
 def test_config_switch():
@@ -165,6 +172,14 @@ def test_scanned_equals_unrolled(name, remat):
   module = mmdit.from_diffusers_config(CONFIGS[name], remat=remat)
   v, (gp, gx, gc) = outputs_and_grads(module, mmdit.stack_blocks(params, module), *inputs)
   assert rel_err(v, v_ref) <= RTOL, name
+  # The padded last block's context-only weights get exactly zero gradients (so they stay
+  # zero in training): its context output is dropped.
+  last = gp[mmdit.group_name(*mmdit.block_groups(CONFIGS[name]["num_layers"],
+                                                 CONFIGS[name]["dual_attention_layers"])[-1][:2])]
+  d = CONFIGS[name]["caption_projection_dim"]
+  for g in (jax.tree.leaves(last["ff_context"]) + jax.tree.leaves(last["attn"]["to_add_out"])
+            + [last["norm1_context"]["linear"]["kernel"][..., 2 * d:]]):
+    assert not np.any(np.asarray(g)[-1]), name
   gp = mmdit.unstack_blocks(gp, module)
   assert jax.tree.structure(gp) == jax.tree.structure(gp_ref)
   for path, g in common.flatten(gp_ref).items():

@@ -96,15 +96,13 @@ def test_large_kernels_are_split_over_fsdp(runs):
   _, state, _ = runs["fsdp4"]
   d = WIDTH
   for tree in (state.gen_params, state.online_params, state.gen_ema_params):
-    block = tree["transformer_blocks_0_to_1"]
-    _split(block["ff"]["fc1"]["kernel"], P(None, "fsdp", None), (2, d // 4, 4 * d))
-    _split(block["ff"]["fc2"]["kernel"], P(None, None, "fsdp"), (2, 4 * d, d // 4))
-    _split(block["attn"]["to_q"]["kernel"], P(None, "fsdp", None), (2, d // 4, d))
-    _split(block["norm1"]["linear"]["kernel"], P(None, "fsdp", None), (2, d // 4, 6 * d))
-    _split(tree["transformer_blocks_2"]["ff"]["fc1"]["kernel"], P("fsdp", None),
-           (d // 4, 4 * d))
+    block = tree["transformer_blocks_0_to_2"]  # all three blocks, the last one padded
+    _split(block["ff"]["fc1"]["kernel"], P(None, "fsdp", None), (3, d // 4, 4 * d))
+    _split(block["ff"]["fc2"]["kernel"], P(None, None, "fsdp"), (3, 4 * d, d // 4))
+    _split(block["attn"]["to_q"]["kernel"], P(None, "fsdp", None), (3, d // 4, d))
+    _split(block["norm1"]["linear"]["kernel"], P(None, "fsdp", None), (3, d // 4, 6 * d))
   # Adam's moments follow their parameter.
-  fc1 = state.gen_params["transformer_blocks_0_to_1"]["ff"]["fc1"]["kernel"]
+  fc1 = state.gen_params["transformer_blocks_0_to_2"]["ff"]["fc1"]["kernel"]
   moments = [x for x in jax.tree.leaves(state.gen_opt_state) if x.shape == fc1.shape]
   assert len(moments) >= 2 and all(m.sharding.spec == fc1.sharding.spec for m in moments)
 
