@@ -36,8 +36,8 @@ def run_case(root, name, args, timeout=3600):
   if os.path.exists(done):
     return _read(path)
   os.makedirs(workdir, exist_ok=True)
-  cmd = [sys.executable, "-m", "fgm_jax.main", f"--workdir={workdir}", "--config.job=compile",
-         *args]
+  cmd = [sys.executable, "-m", "fgm_jax.main", args[0], f"--workdir={workdir}",
+         "--config.job=compile", *args[1:]]  # --config=... must come first
   print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
   t0 = time.time()
   with open(os.path.join(workdir, "log.txt"), "w") as log:
@@ -71,19 +71,24 @@ def fits(report):
   return report is not None and all(r.get("fits") for r in report["functions"])
 
 
-def sd3(root, remats=("none", "dots", "full"), slices=SD3_SLICES, functions="('train_step',)"):
+def sd3(root, remats=("dots", "none", "full"), slices=SD3_SLICES, start=32):
+  """Per slice and remat, the largest global batch that fits, searched from ``start`` (the
+  config's batch) by doubling while it fits, or halving until it does."""
   for slice_name, topo, chips, fsdp in slices:
     for remat in remats:
-      batch = chips  # one example per chip, then doubling
-      while batch <= 64 * chips:
-        report = run_case(root, f"sd3_{slice_name}_{remat}_b{batch}",
-                          SD3 + [f"--config.aot.topology={topo}", f"--config.mesh.fsdp={fsdp}",
-                                 f"--config.teacher.model.remat={remat}",
-                                 f"--config.batch_size={batch}",
-                                 f"--config.aot.functions={functions}"])
-        if not fits(report):
-          break
-        batch *= 2
+      def compile_at(batch):
+        return fits(run_case(
+            root, f"sd3_{slice_name}_{remat}_b{batch}",
+            SD3 + [f"--config.aot.topology={topo}", f"--config.mesh.fsdp={fsdp}",
+                   f"--config.teacher.model.remat={remat}", f"--config.batch_size={batch}",
+                   "--config.aot.functions=('train_step',)"]))
+      batch = max(start, chips // fsdp)
+      if compile_at(batch):
+        while batch < 64 * chips and compile_at(2 * batch):
+          batch *= 2
+      else:
+        while batch > chips // fsdp and not compile_at(batch // 2):
+          batch //= 2
 
 
 def sd3_sampling(root):
@@ -145,5 +150,9 @@ def table(root):
 if __name__ == "__main__":
   what, root = sys.argv[1], sys.argv[2]
   os.makedirs(root, exist_ok=True)
-  {"sd3": sd3, "sd3_sampling": sd3_sampling, "depth": depth, "cifar": cifar,
-   "table": table}[what](root)
+  steps = {"sd3": sd3, "sd3_sampling": sd3_sampling, "depth": depth, "cifar": cifar,
+           "table": table}
+  if what == "sd3_slice":  # one slice and remat: sd3_slice <root> v6e-8 dots
+    sd3(root, remats=(sys.argv[4],), slices=[s for s in SD3_SLICES if s[0] == sys.argv[3]])
+  else:
+    steps[what](root)

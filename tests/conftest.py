@@ -11,6 +11,9 @@ from tests import xla_flags  # noqa: E402  (imports nothing)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                            xla_flags.for_devices(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu is installed for the TPU compile tests (tests/test_aot.py); without this every jax
+# start would try to open a TPU first. Compiling for a TPU topology does not need it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402

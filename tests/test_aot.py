@@ -127,3 +127,39 @@ def test_a_restart_loads_every_program_from_the_cache(tmp_path):
   with compile_cache.counting() as counts:
     loop.train(c, off, write_metrics=False, progress=False)
   assert not os.path.exists(os.path.join(off, "compilation_cache")) and not counts
+
+
+def test_sd3_fgm_functions_lower_from_shapes_alone(tmp_path):
+  """SD3 FGM: the step (CFG teacher, prompt embeddings as the cache holds them), the one-step
+  generator and the teacher's CFG sampler trace and lower on 8 devices with no prompt cache
+  and no weights read (:runlocal's tiny folder gives the shapes); only the compile is skipped.
+  The built-in SD3-Medium shape needs no folder at all."""
+  from configs import sd3_fgm
+  from fgm_jax import parallel
+  from fgm_jax.sd3 import distill
+  from fgm_jax.train import trainers
+  c = sd3_fgm.get_config("runlocal")
+  c.job = "compile"
+  c.mesh.fsdp = 2
+  mesh = parallel.mesh_from_config(c.mesh)
+  c, trainer = trainers.build_abstract(c, str(tmp_path), mesh)
+  assert not (tmp_path / "prompt_cache").exists()
+  text_len = 77 + c.sd3.t5_length
+  targets = trainer.compile_targets(16)
+  assert list(targets) == ["train_step", "generator", "teacher_cfg_28step"]
+  for name, (jitted, args) in targets.items():
+    with trainer.sharding.active():
+      traced = jitted.trace(*args)
+    assert aot.jaxpr_flops(traced.jaxpr) > 0, name
+    contexts = [a["context"] for a in args if isinstance(a, dict) and "context" in a]
+    assert contexts and all(a.shape[1:] == (text_len, c.teacher.model.joint_attention_dim)
+                            for a in contexts), name
+    if name != "train_step":  # latents of the sampling batch
+      assert jax.tree.leaves(traced.out_info)[0].shape == (16,) + tuple(c.teacher.data.shape)
+    traced.lower()
+
+  medium = sd3_fgm.get_config()
+  medium.aot.architecture = "sd3-medium"
+  medium = distill.prepare_architecture(medium, str(tmp_path / "none"))
+  assert medium.teacher.model.num_layers == 24 and medium.teacher.data.shape == (64, 64, 16)
+  assert not (tmp_path / "none").exists()

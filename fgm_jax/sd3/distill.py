@@ -212,12 +212,11 @@ class SD3DistillTrainer(trainers.DistillTrainer):
       return sampler.sample_latents(self.model, params, z, cond, null, ts, guidance)
     batch = self.sharding.batch()
     name = f"teacher_cfg_{s.steps}step"
-    jitted = self._jit(name, fn, in_shardings=(self.param_shardings, batch, batch,
-                                               self.sharding.replicated()),
+    jitted = self._jit(name, fn, in_shardings=(self.param_shardings,) + (batch,) * 3,
                        out_shardings=batch).jitted
-    null = self._abstract_cond(1, self.sharding.replicated())
-    return {name: (jitted, (params, self._abstract_noise(sample_batch),
-                            self._abstract_cond(sample_batch), null))}
+    # The sampler repeats the empty prompt's embedding for every row (sampler._generate).
+    cond = self._abstract_cond(sample_batch)
+    return {name: (jitted, (params, self._abstract_noise(sample_batch), cond, cond))}
 
   def _generator_target(self, gen, sample_batch):
     """What job=sample runs per batch, before the VAE: x0 = z - v(z, 1, c)."""
