@@ -195,7 +195,9 @@ def collectives(hlo_text: str) -> dict:
   """Count of each collective kind in a compiled program's HLO (async pairs counted once)."""
   counts = collections.Counter()
   for kind in COLLECTIVES:
-    counts[kind] = len(re.findall(rf"= [^=]*? {kind}(?:-start)?\(", hlo_text))
+    # The op name right before its operands (tuple-shaped results print '/*index=5*/'
+    # comments, so the text between '=' and the op cannot be relied on).
+    counts[kind] = len(re.findall(rf"(?<![\w%.-]){kind}(?:-start)?\(", hlo_text))
   return {k: v for k, v in counts.items() if v}
 
 
@@ -290,9 +292,11 @@ def advice(row, config) -> str:
   tips = [f"more chips over config.mesh.fsdp (now {config.mesh.fsdp}; the state shards over it)",
           f"a smaller config.batch_size (now {config.batch_size})"]
   model = config_checks.architecture(config)[0]
-  if "remat" in model and model.remat != "full":
-    field = "config.teacher.model.remat" if config_checks.is_distill(config) else \
-        "config.model.remat"
+  field = ("config.teacher.model.remat" if config_checks.is_distill(config)
+           else "config.model.remat")
+  if "remat" in model and isinstance(model.remat, bool) and not model.remat:
+    tips.append(f"{field}=True (recompute each block in the backward pass)")
+  elif "remat" in model and isinstance(model.remat, str) and model.remat != "full":
     tips.append(f"{field}='full' (now {model.remat!r})")
   what = f" for {row['required_for']}" if row.get("required_for") else ""
   return (f"{row['name']} needs {row['total_bytes'] / GIB:.2f} GiB per chip{what} but a chip "

@@ -165,3 +165,14 @@ def test_sd3_fgm_functions_lower_from_shapes_alone(tmp_path):
   medium = distill.prepare_architecture(medium, str(tmp_path / "none"))
   assert medium.teacher.model.num_layers == 24 and medium.teacher.data.shape == (64, 64, 16)
   assert not (tmp_path / "none").exists()
+
+
+def test_collectives_are_counted_by_op_not_by_name():
+  hlo = "\n".join([
+      "  %all-reduce.3 = (f32[16]{0}, /*index=1*/f32[3]{0}) all-reduce(%a, %b), to_apply=%add",
+      "  %ars = f32[2]{0} all-reduce-start(%x), to_apply=%add",
+      "  %ard = f32[2]{0} all-reduce-done(%ars)",
+      "  %f = f32[2]{0} fusion(%all-reduce.3), kind=kLoop, calls=%all-gather.2",
+      "  %ag = f32[8]{0} all-gather(%y), dimensions={0}",
+      "  %cp = f32[8]{0} collective-permute-start(%z), source_target_pairs={{0,1}}"])
+  assert aot.collectives(hlo) == {"all-reduce": 2, "all-gather": 1, "collective-permute": 1}
