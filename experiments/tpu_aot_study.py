@@ -122,29 +122,58 @@ def cifar(root):
                                 "--config.aot.functions=('train_step',)"])
 
 
-def table(root):
-  rows = []
-  for name in sorted(os.listdir(root)):
+def _cases(root, prefix):
+  for name in sorted(os.listdir(root), key=_natural):
     report = _read(os.path.join(root, name, "aot.json"))
-    if report is None:
-      continue
-    for f in report["functions"]:
-      rows.append((name, report, f))
-  print("| case | function | global batch | compile s | GiB per chip (of) | fits | code MB "
-        "| est. img/s/chip | bf16 util | collectives |")
+    if name.startswith(prefix) and report is not None:
+      yield name, report
+
+
+def _natural(name):
+  return [int(p) if p.isdigit() else p for p in name.replace("_b", "_").split("_")]
+
+
+def _cells(f, report):
+  total, of = f.get("total_bytes"), f.get("device_bytes") or report.get("device_bytes")
+  mem = f"{total / 2**30:.1f} / {of / 2**30:.0f}" if total and of else "-"
+  rate = f"{f['images_per_s_per_chip']:.2f}" if f.get("images_per_s_per_chip") else "-"
+  util = f"{100 * f['utilisation']:.0f}%" if f.get("utilisation") else "-"
+  code = f"{f['code_bytes'] / 1e6:.0f}" if f.get("code_bytes") else "-"
+  coll = ", ".join(f"{k} {v}" for k, v in f.get("collectives", {}).items()) or "-"
+  return mem, rate, util, code, coll
+
+
+def table(root):
+  """Markdown of every finished case: SD3 slices, compile time vs depth, the rest."""
+  print("| slice (topology, fsdp) | remat | global batch | compile s | GiB per chip (of) | fits "
+        "| code MB | est. img/s per chip | bf16 util. | collectives |")
   print("|---|---|---|---|---|---|---|---|---|---|")
-  for name, report, f in rows:
+  for name, report in _cases(root, "sd3_"):
     cfg = report["config"]
-    util = f"{100 * f['utilisation']:.0f}%" if f.get("utilisation") else "-"
-    rate = f"{f['images_per_s_per_chip']:.2f}" if f.get("images_per_s_per_chip") else "-"
-    total = f.get("total_bytes")
-    of = f.get("device_bytes") or report.get("device_bytes")
-    mem = (f"{total / 2**30:.1f} ({of / 2**30:.0f})" if total and of else "-")
-    coll = ", ".join(f"{k} {v}" for k, v in f.get("collectives", {}).items()) or "-"
-    code = f"{f['code_bytes'] / 1e6:.0f}" if f.get("code_bytes") else "-"
-    print(f"| {name} | {f['name']} | {cfg['batch_size'] if f['name'] == 'train_step' else f['images']}"
-          f" | {f['compile_s']:.0f} | {mem} | {'yes' if f.get('fits') else 'NO'} | {code} | "
-          f"{rate} | {util} | {coll} |")
+    for f in report["functions"]:
+      mem, rate, util, code, coll = _cells(f, report)
+      batch = cfg["batch_size"] if f["name"] == "train_step" else f["images"]
+      where = f"{name.split('_')[1]} (`{cfg['aot']['topology']}`, {cfg['mesh']['fsdp']})"
+      what = cfg["teacher"]["model"]["remat"] if f["name"] == "train_step" else f["name"]
+      print(f"| {where} | {what} | {batch} | {f['compile_s']:.0f} | {mem} | "
+            f"{'yes' if f.get('fits') else '**no**'} | {code} | {rate} | {util} | {coll} |")
+  print()
+  print("| layout | MM-DiT blocks | compile s | code MB | compiled fusions | GiB per chip |")
+  print("|---|---|---|---|---|---|")
+  for name, report in _cases(root, "depth_"):
+    f = report["functions"][0]
+    print(f"| {name.split('_')[1]} | {name.split('_')[2]} | {f['compile_s']:.0f} | "
+          f"{f['code_bytes'] / 1e6:.0f} | {f['program'].get('compiled_fusions', '-')} | "
+          f"{f['total_bytes'] / 2**30:.1f} |")
+  print()
+  print("| case | function | batch | compile s | GiB per chip (of) | fits | code MB | "
+        "est. img/s per chip | bf16 util. | collectives |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, report in _cases(root, "cifar"):
+    for f in report["functions"]:
+      mem, rate, util, code, coll = _cells(f, report)
+      print(f"| {name} | {f['name']} | {f['images']} | {f['compile_s']:.0f} | {mem} | "
+            f"{'yes' if f.get('fits') else '**no**'} | {code} | {rate} | {util} | {coll} |")
 
 
 if __name__ == "__main__":

@@ -65,19 +65,9 @@ def compilation_cache(directory):
   compiles once. Tracing still happens, so trace counts and numerics are unchanged.
   Subprocesses reuse it through ``compilation_cache_env(directory)``.
   """
-  import jax
-  from jax._src import compilation_cache as cc  # reset_cache: pick up the new directory now
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(directory))
-  jax.config.update(keys[1], 0)
-  cc.reset_cache()
-  try:
+  from fgm_jax import compile_cache  # imports jax: only once a test asks for the cache
+  with compile_cache.persistent(directory):
     yield
-  finally:
-    for k, v in old.items():
-      jax.config.update(k, v)
-    cc.reset_cache()
 
 
 def compilation_cache_env(directory):
