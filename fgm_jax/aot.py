@@ -346,10 +346,10 @@ def run(config, workdir):
   devices = _devices(config)
   config_checks.validate_for_devices(config, len(devices))
   mesh = parallel.mesh_from_config(config.mesh, devices=devices)
-  config, trainer = _build(config, workdir, mesh)
   sample_batch = config.aot.sample_batch or config.batch_size
   config_checks.check_batch(sample_batch, parallel.batch_device_count(mesh),
                             "config.aot.sample_batch")
+  config, trainer = _build(config, workdir, mesh)
   targets = trainer.compile_targets(sample_batch)
   wanted = tuple(config.aot.functions) or tuple(targets)
   unknown = set(wanted) - set(targets)

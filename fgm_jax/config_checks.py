@@ -184,6 +184,16 @@ def _check_sd3_fgm(config, device_count=None):
   _require(config.job in ("distill", "sample", "export", "compile"),
            f"config.job={config.job!r}: an SD3 FGM config runs 'distill', 'sample', 'export' "
            "or 'compile' (prompt caches come from configs/sd3_prompts.py).")
+  if config.job == "compile":
+    from fgm_jax.models import mmdit
+    name = config.aot.architecture
+    _require(not name or name in mmdit.ARCHITECTURES,
+             f"config.aot.architecture={name!r} is unknown; choose one of "
+             f"{sorted(mmdit.ARCHITECTURES)} or set config.sd3.folder.")
+    _require(bool(config.aot.architecture or config.sd3.folder or config.sd3.tiny_random),
+             "config.job='compile' needs the MM-DiT's shape: --config.aot.architecture="
+             "sd3-medium (built in, no files), or --config.sd3.folder=<an SD3 diffusers folder> "
+             "(only its config.json files are read).")
   if not (config.job == "compile" and config.aot.architecture):
     _check_sd3_folder(config)
   _require(bool(config.prompt_cache) or config.sd3.tiny_random or config.job != "distill",

@@ -129,3 +129,27 @@ def test_command_line_prints_one_clear_line(tmp_path):
   assert proc.returncode == 2
   assert "error: config.optim.lr=-1.0 must be > 0" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def _sd3_compile_config(**aot):
+  from configs import sd3_fgm
+  c = sd3_fgm.get_config()
+  c.job = "compile"
+  c.aot.update(aot)
+  return c
+
+
+@pytest.mark.parametrize("change,fragments", [
+    (dict(), ("config.job='compile' needs the MM-DiT's shape", "sd3-medium")),
+    (dict(architecture="sd3-large"), ("config.aot.architecture='sd3-large' is unknown",)),
+    (dict(architecture="sd3-medium", sample_batch=3), ("config.aot.sample_batch=3",)),
+])
+def test_compile_job_inputs(tmp_path, no_compile, change, fragments):
+  """job=compile: what it cannot compile from is named before anything is traced."""
+  _expect(_sd3_compile_config(**change), tmp_path, *fragments)
+
+
+def test_compile_job_unknown_function(tmp_path):
+  # Named once the run's functions are known (the trainer is built), before any compile.
+  _expect(_sd3_compile_config(architecture="sd3-medium", functions=("train_stp",)), tmp_path,
+          "config.aot.functions names ['train_stp']", "'train_step', 'generator'")

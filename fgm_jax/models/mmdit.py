@@ -87,6 +87,8 @@ DIFFUSERS_DEFAULTS = dict(
 # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json.
 SD3_MEDIUM = dict(DIFFUSERS_DEFAULTS, num_layers=24, num_attention_heads=24,
                   caption_projection_dim=1536, pos_embed_max_size=192)
+# Built-in shapes, for compiling ahead of time without the weights (config.aot.architecture).
+ARCHITECTURES = {"sd3-medium": SD3_MEDIUM}
 
 _LN_EPS = 1e-6  # every LayerNorm / RMSNorm in SD3 uses 1e-6
 _TIME_CHANNELS = 256

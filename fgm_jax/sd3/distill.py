@@ -94,9 +94,8 @@ def prepare(config, workdir):
   return c
 
 
-# Built-in MM-DiT shapes for job=compile without the weights: (transformer config.json, VAE
-# latent downscale). SD3-Medium's from stabilityai/stable-diffusion-3-medium-diffusers.
-ARCHITECTURES = {"sd3-medium": ("SD3_MEDIUM", 8)}
+# Latent downscale of the built-in architectures' VAE (mmdit.ARCHITECTURES; SD3's VAE: 8).
+BUILT_IN_DOWNSCALE = 8
 
 
 def prepare_architecture(config, workdir):
@@ -104,13 +103,9 @@ def prepare_architecture(config, workdir):
   built-in name, job=compile) or from the folder's config.json files."""
   c = config.copy_and_resolve_references()
   name = c.aot.architecture if "aot" in c else None
-  if name:
+  if name:  # checked by config_checks
     from fgm_jax.models import mmdit
-    if name not in ARCHITECTURES:
-      raise config_checks.ConfigError(f"config.aot.architecture={name!r} is unknown; choose "
-                                      f"one of {sorted(ARCHITECTURES)} or set config.sd3.folder.")
-    table, down = ARCHITECTURES[name]
-    arch = _architecture(getattr(mmdit, table))
+    arch, down = _architecture(mmdit.ARCHITECTURES[name]), BUILT_IN_DOWNSCALE
   else:
     c = tiny.resolve(c, workdir).copy_and_resolve_references()
     arch = _architecture(transformer_config(c.sd3.folder))
