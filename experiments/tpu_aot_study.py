@@ -109,17 +109,24 @@ def depth(root, depths=(1, 2, 4, 8, 24), unrolled=(1, 2, 4)):
                       f"--config.aot.num_layers={n}", "--config.aot.functions=('train_step',)"])
 
 
-def cifar(root):
-  for name, topo, chips in (("v5e-4", "v5e:2x2", 4), ("v6e-4", "v6e:2x2", 4),
-                            ("v5p-8", "v5p:2x2x1", 4)):
-    for per_chip in (128,):
-      batch = per_chip * chips
-      run_case(root, f"cifar_fgm_{name}_b{batch}",
-               CIFAR + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
-                        "--config.aot.functions=('train_step','generator')"])
-      run_case(root, f"cifar_teacher_{name}_b{batch}",
-               CIFAR_TEACHER + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
-                                "--config.aot.functions=('train_step',)"])
+def cifar(root, slices=(("v5e-4", "v5e:2x2", 4), ("v6e-4", "v6e:2x2", 4),
+                         ("v5p-8", "v5p:2x2x1", 4)), per_chip=128, steps=True):
+  """CIFAR-10 (DDPM++, bf16): one-step sampling on every slice; with ``steps`` also the
+  teacher step and the FGM iteration on the first (each takes minutes to compile)."""
+  for name, topo, chips in slices:
+    batch = per_chip * chips
+    run_case(root, f"cifar_sampling_{name}_b{batch}",
+             CIFAR + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
+                      "--config.aot.functions=('generator',)"])
+  if steps:
+    name, topo, chips = slices[0]
+    batch = per_chip * chips
+    run_case(root, f"cifar_teacher_{name}_b{batch}",
+             CIFAR_TEACHER + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
+                              "--config.aot.functions=('train_step',)"])
+    run_case(root, f"cifar_fgm_{name}_b{batch}",
+             CIFAR + [f"--config.aot.topology={topo}", f"--config.batch_size={batch}",
+                      "--config.aot.functions=('train_step',)"])
 
 
 def _cases(root, prefix):
