@@ -9,6 +9,9 @@
     # 3. one-step images (prompts -> one MM-DiT forward -> VAE), or GenEval's folder layout
     python -m fgm_jax.main --config=configs/sd3_fgm.py --config.job=sample --workdir=runs/sd3_fgm \\
         --config.sd3.folder=... --config.prompts=prompts.txt
+    # 0. before renting a slice: does the step fit, and how fast would it go? (no TPU needed)
+    python -m fgm_jax.main --config=configs/sd3_fgm.py --config.job=compile --workdir=runs/aot \
+        --config.aot.architecture=sd3-medium --config.aot.topology=v5p:2x2x1 --config.mesh.fsdp=4
     # 4. a diffusers StableDiffusion3Pipeline folder (run it with num_inference_steps=1,
     #    guidance_scale=1.0)
     python -m fgm_jax.main --config=configs/sd3_fgm.py --config.job=export --workdir=runs/sd3_fgm \\
