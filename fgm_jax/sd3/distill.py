@@ -175,6 +175,14 @@ def build_trainer(config, mesh):
 class SD3DistillTrainer(trainers.DistillTrainer):
   """FGM on prompts; pictures come from job=sample (they need the VAE and the prompts)."""
 
+  def samples(self, state, n, seed, use_ema=True):
+    raise config_checks.ConfigError(
+        "SD3 FGM runs draw images with --config.job=sample (prompts -> one step -> VAE); "
+        "set config.log.plot_every=0 and config.eval.fid.every=0.")
+
+  def sample_sets(self, state, n, seed, teacher_steps):
+    return self.samples(state, n, seed)
+
   # --- job=compile: prompt embeddings as the cache holds them (bf16 tokens, fp32 pooled)
 
   def _text_length(self):
