@@ -344,7 +344,7 @@ def _devices(config):
 
 def run(config, workdir):
   devices = _devices(config)
-  config_checks.validate_for_devices(config, len(devices))
+  config_checks.validate(config, device_count=len(devices))
   mesh = parallel.mesh_from_config(config.mesh, devices=devices)
   sample_batch = config.aot.sample_batch or config.batch_size
   config_checks.check_batch(sample_batch, parallel.batch_device_count(mesh),

@@ -111,7 +111,7 @@ def validate(config, device_count=None):
   """Raises ConfigError for the first unusable value. Cheap: no model is built.
 
   job=compile checks only what the training job needs beyond files (no checkpoint, folder or
-  prompt cache); its device count is checked against the topology (validate_for_devices).
+  prompt cache); aot.run validates it again with the topology's ``device_count``.
   """
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
   if config.job == "compile" and device_count is None:
@@ -233,11 +233,6 @@ def _check_compile(config):
            "this SD3 config samples or caches prompts.")
   _require(config.aot.sample_batch >= 0,
            f"config.aot.sample_batch={config.aot.sample_batch} must be >= 0 (0: batch_size).")
-
-
-def validate_for_devices(config, device_count: int):
-  """job=compile: the whole training config, against ``device_count`` devices."""
-  validate(config, device_count=device_count)
 
 
 def _batch_devices(config, device_count=None):
