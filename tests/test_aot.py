@@ -119,7 +119,9 @@ def test_a_restart_loads_every_program_from_the_cache(tmp_path):
   with compile_cache.counting() as second:
     loop.train(c, workdir, write_metrics=False, progress=False)
   assert second["compiled"] == 0 and second["loaded"] >= 1, dict(second)
-  assert second["saved_s"] > 0
+  # jax's own "time saved" can be negative for programs this small (load vs compile noise);
+  # the time spent in XLA's compile calls is what a restart saves.
+  assert second["compile_s"] < first["compile_s"], (dict(first), dict(second))
   assert not jax.config.jax_compilation_cache_dir  # the run's setting does not leak
 
   off = str(tmp_path / "off")
