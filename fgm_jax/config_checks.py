@@ -104,7 +104,19 @@ def _check_teacher_checkpoint(teacher):
   _require(checkpoint.latest_step(ckpt_dir) is not None,
            f"config.teacher.workdir={path!r}: no teacher checkpoint found in {ckpt_dir}. "
            "Train the teacher first (python -m fgm_jax.main --config=<teacher config> "
-           f"--workdir={path}) or point --config.teacher.workdir at its workdir.")
+           f"--workdir={path}) or point --config.teacher.workdir at its workdir"
+           f"{_teacher_import_hint(teacher)}.")
+
+
+def _teacher_import_hint(teacher) -> str:
+  """The other way to a CIFAR-10 teacher, the published one (README, 'CIFAR-10 with the
+  published teacher'); '' for teachers that have none."""
+  if teacher.data.get("tfds_name") != "cifar10":
+    return ""
+  return ("; or import the published 1-Rectified-Flow teacher: python -m "
+          "fgm_jax.convert.rectified_flow checkpoint_8.pth runs/cifar10_rf_teacher, then "
+          "distil it with --config=configs/cifar10_fgm.py:rf_teacher "
+          "--config.teacher.workdir=runs/cifar10_rf_teacher")
 
 
 def validate(config, device_count=None):

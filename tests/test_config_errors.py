@@ -69,8 +69,20 @@ def test_unknown_model(tmp_path, no_compile):
 
 def test_distill_without_teacher_checkpoint(tmp_path, no_compile):
   c = helpers.tiny_fgm_config(str(tmp_path / "no_teacher_here"))
-  _expect(c, tmp_path, "config.teacher.workdir=", "no teacher checkpoint",
-          "Train the teacher first")
+  message = _expect(c, tmp_path, "config.teacher.workdir=", "no teacher checkpoint",
+                    "Train the teacher first")
+  assert "rectified_flow" not in message  # no published teacher to import for toy data
+
+
+def test_cifar10_distill_without_teacher_names_the_published_one(tmp_path, no_compile):
+  """configs/cifar10_fgm.py's usage line without a teacher: both ways in, in one line."""
+  from configs import cifar10_fgm
+  c = cifar10_fgm.get_config()
+  c.teacher.workdir = str(tmp_path / "cifar10_teacher")
+  message = _expect(c, tmp_path / "run", "no teacher checkpoint", "Train the teacher first",
+                    "python -m fgm_jax.convert.rectified_flow checkpoint_8.pth",
+                    "--config=configs/cifar10_fgm.py:rf_teacher")
+  assert "\n" not in message
 
 
 def test_unknown_fgm_weighting(tmp_path, no_compile):
