@@ -213,9 +213,12 @@ def test_sigkilled_conditional_run_resumes_exactly(inputs, trained, tmp_path_fac
 # --- bad inputs: one line each, before compiling ----------------------------------------------
 
 
-def _fake_cache(path, context_width=48, pooled_width=40, rows=2, uncond=True):
+def _fake_cache(path, folder, context_width=48, pooled_width=40, rows=2, uncond=True):
+  """A cache whose cache.json matches ``folder`` (as the prompt_cache job would write it)
+  and whose arrays are as asked."""
   os.makedirs(path)
-  manifest = {"settings": {}, "complete": True, "num_shards": 1 if rows else 0}
+  manifest = {"settings": text.folder_settings(folder, T5_LENGTH), "complete": True,
+              "num_shards": 1 if rows else 0}
   with open(os.path.join(path, "cache.json"), "w") as f:
     json.dump(manifest, f)
   bits = lambda n: np.zeros((n, 5, context_width), np.uint16)
@@ -239,11 +242,12 @@ def _fails(config, tmp_path, *needles):
 
 
 def test_bad_inputs_stop_with_one_line(inputs, tmp_path):
-  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "narrow", context_width=7))
+  folder = inputs[0]
+  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "narrow", folder, context_width=7))
   _fails(c, tmp_path / "a", "7 wide", "joint_attention_dim=48", "same SD3 folder")
-  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "nouncond", uncond=False))
+  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "nouncond", folder, uncond=False))
   _fails(c, tmp_path / "b", "uncond.npz", "CFG")
-  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "empty", rows=0))
+  c = fgm_config(inputs, prompt_cache=_fake_cache(tmp_path / "empty", folder, rows=0))
   _fails(c, tmp_path / "c", "holds no prompts")
   other = tmp_path / "flux"
   shutil.copytree(inputs[0], other)
@@ -262,3 +266,27 @@ def test_bad_inputs_stop_with_one_line(inputs, tmp_path):
                                ("resolution", 24, "multiple of 16")):
     with pytest.raises(config_checks.ConfigError, match=needle):
       config_checks.validate(fgm_config(inputs, **{field: value}))
+
+
+def test_cache_of_other_text_encoders_is_refused(inputs, tmp_path):
+  """Caches with the MM-DiT's widths but other embeddings, refused as job=sample refuses them:
+  one written from the folder without T5 (zeros in T5's place), and a teacher folder whose
+  CLIP-G differs from the one the cache was encoded with."""
+  from configs import sd3_prompts
+  folder, prompts, cache = inputs
+  no_t5 = tmp_path / "no_t5"
+  shutil.copytree(folder, no_t5, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+  c = sd3_prompts.get_config()
+  c.sd3.folder, c.prompts, c.sd3.t5_length = str(no_t5), prompts, T5_LENGTH
+  c.batch_size, c.shard_size = 8, 2
+  main_lib.run(c, str(tmp_path / "cache_no_t5"))
+  _fails(fgm_config(inputs, prompt_cache=str(tmp_path / "cache_no_t5")), tmp_path / "a",
+         "config.prompt_cache=", "t5: False there, True here",
+         "text_encoder_3 and tokenizer_3 differ", "rebuild it with configs/sd3_prompts.py")
+  other = tmp_path / "other_clip_g"
+  shutil.copytree(folder, other)
+  clip_g = json.loads((other / "text_encoder_2" / "config.json").read_text())
+  clip_g["hidden_act"] = "quick_gelu" if clip_g["hidden_act"] != "quick_gelu" else "gelu"
+  (other / "text_encoder_2" / "config.json").write_text(json.dumps(clip_g))
+  _fails(fgm_config(inputs, **{"sd3.folder": str(other)}), tmp_path / "b",
+         f"config.prompt_cache={cache!r}", "folder_identity: text_encoder_2 differ")

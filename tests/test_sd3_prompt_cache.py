@@ -116,6 +116,31 @@ def test_cache_of_other_settings_is_refused(setup):
     main_lib.run(other, full)
 
 
+def test_cache_records_the_folders_text_encoders(setup, tmp_path, caplog):
+  """cache.json names the text encoders and tokenizers it was encoded with (hashes of their
+  configs and tokenizer files); a cache of an older version, without them, is accepted with a
+  warning, its other settings still checked."""
+  import json
+  config, _, full, _ = setup
+  saved = prompt_cache.read_manifest(full)["settings"]
+  identity = text.folder_identity(config.sd3.folder)
+  assert saved["folder_identity"] == identity
+  assert sorted(identity) == sorted(text.CLIP_SUBFOLDERS + (text.T5_SUBFOLDER,)
+                                    + text.TOKENIZERS)
+  wanted = text.folder_settings(config.sd3.folder, 32)
+  prompt_cache.require_settings(full, wanted)  # the same folder: accepted
+  old = tmp_path / "old"
+  shutil.copytree(full, old)
+  manifest = json.loads((old / "cache.json").read_text())
+  del manifest["settings"]["folder_identity"]
+  (old / "cache.json").write_text(json.dumps(manifest))
+  with caplog.at_level("WARNING"):
+    prompt_cache.require_settings(str(old), wanted)
+  assert "records no folder_identity" in caplog.text and "rebuild it" in caplog.text
+  with pytest.raises(config_checks.ConfigError, match="t5_length: 32 there, 77 here"):
+    prompt_cache.require_settings(str(old), text.folder_settings(config.sd3.folder, 77))
+
+
 def test_bad_inputs_stop_with_one_clear_error(setup, tmp_path):
   config, _, _, _ = setup
   c = config.copy_and_resolve_references()

@@ -14,7 +14,9 @@ The same FGM step as every other run (train/steps.distill_step), with conditioni
     diffusers' scheduler from sigma = 1 to 0: x0 = z - v_theta(z, 1, c) (t* = 1), in latents.
 
 This module fills the architecture in from the folder (``prepare``) and builds the trainer
-(``build_trainer``), checking the inputs first: a cache whose embedding widths differ from the
+(``build_trainer``), checking the inputs first: a cache made with other settings than the
+folder's (T5 length, with or without T5, other text encoders or tokenizers: the check of
+job=sample, prompt_cache.require_settings), a cache whose embedding widths differ from the
 MM-DiT's, one without the unconditional embedding, an empty cache, a teacher folder of another
 model -- one line each, before anything compiles.
 """
@@ -131,6 +133,11 @@ def load_conditioning(config):
         "config.prompt_cache is not set; write one with --config=configs/sd3_prompts.py "
         "(same sd3.folder) and pass --config.prompt_cache=<its workdir>.")
   manifest = prompt_cache.read_manifest(cache_dir)
+  # As job=sample does: a cache of a folder without T5, or of other text encoders, has the
+  # same widths and would train silently on the wrong embeddings.
+  prompt_cache.require_settings(
+      cache_dir, text.folder_settings(config.sd3.folder, config.sd3.t5_length),
+      "config.prompt_cache")
   if manifest.get("complete") and manifest.get("num_shards", 0) == 0:
     raise config_checks.ConfigError(f"config.prompt_cache={cache_dir!r} holds no prompts; "
                                     "rebuild it from a non-empty prompt file.")

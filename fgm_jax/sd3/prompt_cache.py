@@ -6,7 +6,9 @@
 Writes into --workdir
 
     cache.json                    settings the embeddings depend on (encoders, T5 length, dtype,
-                                  the prompt file's hash), the shard size and the count
+                                  the prompt file's hash, folder_identity: sha256 of the SD3
+                                  folder's text-encoder configs and tokenizer files), the
+                                  shard size and the count
     shard-00000.npz ...           per shard: context (bfloat16 bits as uint16), pooled (float32),
                                   prompt (text), index (row in the prompt file)
     uncond.npz                    the empty prompt's context / pooled (the CFG negative)
@@ -37,6 +39,7 @@ from fgm_jax.sd3 import text
 MANIFEST = "cache.json"
 UNCOND = "uncond.npz"
 FORMAT = "fgm_jax.sd3_prompt_cache/1"
+IDENTITY = "folder_identity"  # text.folder_identity(): absent in caches of older versions
 
 
 class PromptFileError(FileNotFoundError):
@@ -75,9 +78,18 @@ def settings(config, encoders, prompts) -> dict:
           "shard_size": int(config.shard_size), **encoders.settings()}
 
 
+def _difference(key, saved, wanted, here: str) -> str:
+  if saved is None and isinstance(wanted, dict):  # a cache of an older version
+    return f"{key}: not recorded there"
+  if isinstance(saved, dict) and isinstance(wanted, dict):  # folder_identity: name the parts
+    parts = sorted(p for p in set(saved) | set(wanted) if saved.get(p) != wanted.get(p))
+    return f"{key}: {' and '.join(parts)} differ"
+  return f"{key}: {saved!r} there, {wanted!r} {here}"
+
+
 def _differences(saved: dict, wanted: dict, keys, here: str) -> str:
   """'k: <saved> there, <wanted> <here>, ...' for the keys whose values differ ('' if none)."""
-  return ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} {here}"
+  return ", ".join(_difference(k, saved.get(k), wanted.get(k), here)
                    for k in sorted(keys) if saved.get(k) != wanted.get(k))
 
 
@@ -107,15 +119,28 @@ def is_cache(path: str) -> bool:
   return bool(path) and os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def require_settings(cache_dir: str, encoders: text.TextEncoders):
-  """Stops when a cache was made with other encoder settings than ``encoders`` (T5 length,
-  context width, with or without T5): its embeddings would not be what the model expects."""
-  wanted = encoders.settings()
-  diff = _differences(read_manifest(cache_dir)["settings"], wanted, wanted, "here")
+def require_settings(cache_dir: str, wanted: dict, field: str = "config.prompts"):
+  """Stops when a cache was made with other settings than ``wanted`` (TextEncoders.settings()
+  or text.folder_settings(): T5 length, context width, with or without T5, which text encoders
+  and tokenizers): its embeddings would not be what the model expects. The one check of
+  job=sample, the teacher sampler and distillation (``field`` names the config entry).
+
+  A cache written before folder_identity was recorded is accepted with a warning, its other
+  settings still checked: nothing says it is wrong, and re-encoding costs hours at scale.
+  """
+  saved = read_manifest(cache_dir)["settings"]
+  keys = set(wanted)
+  if IDENTITY not in saved and IDENTITY in keys:
+    keys.discard(IDENTITY)
+    logging.warning("%s=%r records no %s (written by an older fgm_jax): it cannot be checked "
+                    "to come from this SD3 folder's text encoders; rebuild it to have that "
+                    "checked.", field, cache_dir, IDENTITY)
+  diff = _differences(saved, wanted, keys, "here")
   if diff:
     raise config_checks.ConfigError(
-        f"the prompt cache {cache_dir} was made with other settings ({diff}); rebuild it "
-        "with these settings or point config.prompts at a matching cache.")
+        f"{field}={cache_dir!r}: the prompt cache was made with other settings ({diff}); "
+        "rebuild it with configs/sd3_prompts.py from this config.sd3.folder and these "
+        f"settings, or point {field} at a matching cache.")
 
 
 def texts(cache_dir: str):

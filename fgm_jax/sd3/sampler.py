@@ -116,7 +116,7 @@ def _conditioning(config, sd3, mesh):
   from fgm_jax import parallel
   from fgm_jax.sd3 import prompt_cache
   if prompt_cache.is_cache(config.prompts):
-    prompt_cache.require_settings(config.prompts, sd3.encoders)
+    prompt_cache.require_settings(config.prompts, sd3.encoders.settings())
     rows, uncond = prompt_cache.load(config.prompts)
     as_f32 = lambda d, idx=slice(None): (np.asarray(d["context"][idx], np.float32),
                                          np.asarray(d["pooled"][idx], np.float32))

@@ -17,6 +17,7 @@ function that jits and shards like everything else.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -52,11 +53,67 @@ class TextEncoders:
   clip_length: int  # tokens per CLIP prompt (the CLIP-L tokenizer's model_max_length: 77)
   t5_length: int
   joint_dim: int  # the MM-DiT's context width (T5's d_model when present)
+  folder: str  # the SD3 folder they were loaded from
 
   def settings(self) -> dict:
     """What the embeddings depend on besides the prompts (recorded with a cache)."""
-    return {"clip_length": self.clip_length, "t5_length": self.t5_length,
-            "joint_dim": self.joint_dim, "t5": self.t5 is not None}
+    return {"clip_length": self.clip_length, **folder_settings(self.folder, self.t5_length)}
+
+
+def folder_settings(folder: str, t5_length: int) -> dict:
+  """What a prompt's embedding depends on besides its text and the CLIP length, read from the
+  folder's small files only: T5 length, context width, with or without T5, and which text
+  encoders and tokenizers (``folder_identity``). Distillation compares a prompt cache with
+  these without loading an encoder."""
+  return {"t5_length": int(t5_length), "joint_dim": _joint_dim(folder),
+          "t5": os.path.isdir(os.path.join(folder, T5_SUBFOLDER)),
+          "folder_identity": folder_identity(folder)}
+
+
+def _joint_dim(folder: str) -> int:
+  with open(os.path.join(folder, "transformer", "config.json")) as f:
+    return int(json.load(f).get("joint_attention_dim", 4096))
+
+
+# JSON keys that change when a folder is saved again or moved, not when its model changes.
+_VOLATILE_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_commit_hash")
+
+
+def _file_bytes(path: str) -> bytes:
+  """A file's bytes; a JSON file's canonically (sorted keys, no _VOLATILE_KEYS), so that
+  re-saving a folder with another transformers version keeps its identity."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if not path.endswith(".json"):
+    return data
+  try:
+    obj = json.loads(data)
+  except ValueError:
+    return data
+  if isinstance(obj, dict):
+    obj = {k: v for k, v in obj.items() if k not in _VOLATILE_KEYS}
+  return json.dumps(obj, sort_keys=True).encode("utf-8")
+
+
+def folder_identity(folder: str) -> dict:
+  """{part: sha256} of each text encoder's config.json and each tokenizer's files: which
+  model a prompt cache's embeddings come from, beyond their widths. Weights are not hashed
+  (gigabytes to read at every start), so two folders that differ only in encoder weights
+  look alike. Parts the folder lacks (text_encoder_3 / tokenizer_3) are left out."""
+  out = {}
+  for part in CLIP_SUBFOLDERS + (T5_SUBFOLDER,) + TOKENIZERS:
+    d = os.path.join(folder, part)
+    if not os.path.isdir(d):
+      continue
+    names = (["config.json"] if part in CLIP_SUBFOLDERS + (T5_SUBFOLDER,)
+             else sorted(n for n in os.listdir(d) if not n.startswith(".")))
+    digest = hashlib.sha256()
+    for name in names:
+      path = os.path.join(d, name)
+      if os.path.isfile(path):
+        digest.update(name.encode("utf-8") + b"\0" + hashlib.sha256(_file_bytes(path)).digest())
+    out[part] = digest.hexdigest()
+  return out
 
 
 def require_part(path: str, what: str):
@@ -92,8 +149,7 @@ def load(folder: str, t5_length: int = DEFAULT_T5_LENGTH, dtype=jnp.float32) -> 
   has_t5 = os.path.isdir(os.path.join(folder, T5_SUBFOLDER))
   if has_t5:
     require_part(os.path.join(folder, TOKENIZERS[2]), f"{TOKENIZERS[2]}/ (the T5 tokenizer)")
-  with open(os.path.join(folder, "transformer", "config.json")) as f:
-    joint_dim = int(json.load(f).get("joint_attention_dim", 4096))
+  joint_dim = _joint_dim(folder)
   tokenizers = tuple(load_tokenizer(os.path.join(folder, t)) for t in TOKENIZERS[:2]) + (
       load_tokenizer(os.path.join(folder, TOKENIZERS[2])) if has_t5 else None,)
   t5 = _load_encoder(os.path.join(folder, T5_SUBFOLDER), "t5_encoder", dtype) if has_t5 else None
@@ -101,7 +157,7 @@ def load(folder: str, t5_length: int = DEFAULT_T5_LENGTH, dtype=jnp.float32) -> 
       clip_l=_load_encoder(os.path.join(folder, CLIP_SUBFOLDERS[0]), "clip_text", dtype),
       clip_g=_load_encoder(os.path.join(folder, CLIP_SUBFOLDERS[1]), "clip_text", dtype),
       t5=t5, tokenizers=tokenizers, clip_length=int(tokenizers[0].model_max_length),
-      t5_length=int(t5_length), joint_dim=joint_dim)
+      t5_length=int(t5_length), joint_dim=joint_dim, folder=folder)
 
 
 def _token_ids(tokenizer, prompts, length):
