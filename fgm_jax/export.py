@@ -66,7 +66,7 @@ def export(config, workdir):
       "model": model_config.to_dict(),
       "t_star": float(config.fgm.t_star),
       "example_shape": list(trainer.shape),
-      "use_ema": bool(e.use_ema),
+      "use_ema": state_lib.uses_ema(state, e.use_ema),  # what was written, not the flag
       "step": int(state.step),
       "parameters": int(sum(x.size for x in flat.values())),
       "teacher": _trained_teacher(config, workdir),
@@ -78,7 +78,7 @@ def export(config, workdir):
   if jax.process_index() == 0:
     _write(out, flat, meta)
   print(f"wrote {out}: one-step generator, step {meta['step']}, "
-        f"{meta['parameters']:,} parameters ({'EMA' if e.use_ema else 'raw'} weights)")
+        f"{meta['parameters']:,} parameters ({'EMA' if meta['use_ema'] else 'raw'} weights)")
   return out
 
 

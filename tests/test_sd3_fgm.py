@@ -101,8 +101,9 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
   folder, _, _ = inputs
   config, workdir = trained
   _, teacher = dconv.load_params(os.path.join(folder, "transformer"), "mmdit")
-  _, _, step, gen = one_step.restore_generator(config, workdir)
+  _, _, step, gen, weights = one_step.restore_generator(config, workdir)
   assert step == STEPS
+  assert config.optim.ema_decay == 0 and weights == "raw"  # no EMA kept: the raw weights
   moved = max(float(np.max(np.abs(a - b))) for a, b in
               zip(jax.tree.leaves(gen), jax.tree.leaves(teacher)))
   assert moved > 1e-6  # the generator trained (the loop stops on non-finite losses)
@@ -121,6 +122,12 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
                        "prompt": f"a photo of a {c}"}) for c in ("cat", "dog")]
   metadata.write_text("\n".join(lines) + "\n")
   sample.sample.geneval, sample.sample.images_per_prompt = str(metadata), 2
+  sample.sample.num = 1  # would silently score a subset: refused before anything is written
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config.sample.num=1 would keep only the first 1 of the 2 prompts"):
+    main_lib.run(sample, workdir)
+  assert not os.path.exists(os.path.join(workdir, "geneval"))
+  sample.sample.num = 2  # all of them: accepted
   main_lib.run(sample, workdir)
   out = os.path.join(workdir, "geneval")
   assert geneval.check_folder(geneval.read_metadata(str(metadata)), out, 2)["incomplete"] == []
@@ -159,6 +166,24 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
   assert ref.max_rel_err(teacher_latents, want_latents) > 1e-5
   note = json.loads((tmp_path / "one_step" / "fgm_jax.json").read_text())
   assert note["run"] == {"num_inference_steps": 1, "guidance_scale": 1.0}
+  assert export.export.use_ema and note["weights"] == "raw"  # what was written, not the flag
+
+
+def test_export_from_an_incomplete_teacher_folder_is_refused(inputs, trained, tmp_path):
+  """Without text_encoder_2/ (listed in model_index.json) diffusers could not load the
+  export: refused before anything is written, the part named."""
+  folder, _, _ = inputs
+  config, workdir = trained
+  partial = tmp_path / "partial"
+  shutil.copytree(folder, partial, ignore=shutil.ignore_patterns("text_encoder_2"))
+  export = config.copy_and_resolve_references()
+  export.job, export.export.output = "export", str(tmp_path / "one_step")
+  export.sd3.folder = str(partial)
+  status, message = main_lib.run_with_status(export, workdir)
+  assert status == 2, message
+  assert "\n" not in message and "lacks text_encoder_2/" in message, message
+  assert "--config.sd3.folder" in message, message
+  assert not os.path.exists(tmp_path / "one_step")
 
 
 def test_conditional_step_on_one_device_equals_eight(inputs, trained, tmp_path):

@@ -24,19 +24,23 @@ import numpy as np
 
 from fgm_jax import config_checks
 from fgm_jax import distributed
+from fgm_jax.sd3 import text
+from fgm_jax.sd3 import tiny
 
 EXPORT_NOTE = "fgm_jax.json"
 
 
 def restore_generator(config, workdir, use_ema=True):
-  """(prepared config, trainer, generator params on the host) of the newest checkpoint."""
+  """(prepared config, trainer, step, generator params on the host, 'ema' or 'raw': which
+  weights those are) of the newest checkpoint; a run without EMA gives its raw weights."""
   from fgm_jax.evaluation import evaluate
   from fgm_jax.train import state as state_lib
   from fgm_jax.train import trainers
   config = trainers.prepare(config, workdir)
   trainer, state = evaluate.restore_latest(config, workdir)
   params = jax.device_get(state_lib.generator_params(state, use_ema))
-  return config, trainer, int(state.step), params
+  weights = "ema" if state_lib.uses_ema(state, use_ema) else "raw"
+  return config, trainer, int(state.step), params, weights
 
 
 def sampling_config(config):
@@ -61,9 +65,12 @@ def sample(config, workdir):
     raise config_checks.ConfigError(
         "config.prompts is not set; give a prompt file for job=sample "
         "(--config.prompts=prompts.txt) or GenEval's metadata (--config.sample.geneval=...).")
+  if config.sample.geneval:  # its prompts checked before the (long) restore
+    sampler.geneval_metadata(config.sample.geneval, config.sample.num)
   start = time.time()
-  config, _, step, params = restore_generator(config, workdir, config.sample.use_ema)
-  print(f"one-step generator of step {step} restored ({time.time() - start:.1f} s)")
+  config, _, step, params, weights = restore_generator(config, workdir, config.sample.use_ema)
+  print(f"one-step generator of step {step} restored ({weights} weights, "
+        f"{time.time() - start:.1f} s)")
   sconfig = sampling_config(config)
   if config.sample.geneval:
     return sampler.geneval(sconfig, workdir, config.sample.geneval, mmdit_params=params)
@@ -76,6 +83,26 @@ def _link_or_copy(src, dst):
     os.link(src, dst)
   except OSError:
     shutil.copy2(src, dst)
+
+
+def require_pipeline_parts(folder):
+  """Stops unless ``folder`` holds every part its model_index.json lists (what diffusers'
+  from_pretrained loads; the export copies them beside the generator), naming the first
+  missing one. The transformer is not needed: the generator replaces it."""
+  index_path = os.path.join(folder, "model_index.json")
+  text.require_part(index_path, "model_index.json (the list of the pipeline's parts)")
+  with open(index_path) as f:
+    index = json.load(f)
+  for name, spec in sorted(index.items()):
+    listed = isinstance(spec, list) and spec and spec[0] is not None  # [null, null]: absent
+    if name.startswith("_") or name == "transformer" or not listed:
+      continue
+    path = os.path.join(folder, name)
+    if not (os.path.isdir(path) and os.listdir(path)):
+      raise text.SD3FolderError(
+          f"config.sd3.folder={folder!r} lacks {name}/ ({spec[-1]}), which its "
+          "model_index.json lists: diffusers could not load the export. Point "
+          "--config.sd3.folder at the complete SD3 folder the run was distilled from.")
 
 
 def write_pipeline_folder(teacher_folder, out, module, params, *, dtype="float32", note=None):
@@ -107,12 +134,14 @@ def export(config, workdir):
   """job=export: the newest checkpoint's generator as a diffusers SD3 folder."""
   e = config.export
   _require_dtype(e.dtype)
-  config, trainer, step, params = restore_generator(config, workdir, e.use_ema)
+  # Before restoring: from an incomplete teacher folder, diffusers could not load the export.
+  require_pipeline_parts(tiny.resolve(config, workdir).sd3.folder)
+  config, trainer, step, params, weights = restore_generator(config, workdir, e.use_ema)
   out = e.output or os.path.join(workdir, "diffusers")
   if not distributed.is_writer():
     return out
   note = {"format": "fgm_jax.sd3_one_step/1", "teacher_folder": os.path.abspath(
-      config.sd3.folder), "step": step, "weights": "ema" if e.use_ema else "raw",
+      config.sd3.folder), "step": step, "weights": weights,
       "run": {"num_inference_steps": 1, "guidance_scale": 1.0},
       "fgm": config.fgm.to_dict(), "resolution": config.resolution}
   write_pipeline_folder(config.sd3.folder, out, trainer.model, params, dtype=e.dtype,

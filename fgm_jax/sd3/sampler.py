@@ -205,6 +205,20 @@ def run(config, workdir, mesh=None, mmdit_params=None):
   return out_dir
 
 
+def geneval_metadata(path: str, num: int):
+  """GenEval's prompts from ``path``, refusing a config.sample.num that would cut them short:
+  GenEval's score is over all of them, and a subset would pass for it."""
+  from fgm_jax import config_checks
+  from fgm_jax.evaluation import geneval as geneval_lib
+  metadata = geneval_lib.read_metadata(path)
+  if 0 < num < len(metadata):
+    raise config_checks.ConfigError(
+        f"config.sample.num={num} would keep only the first {num} of the {len(metadata)} "
+        f"prompts of config.sample.geneval={path!r}, and GenEval scores all of them; set "
+        "--config.sample.num=0 (for a partial run, give a metadata file of just those lines).")
+  return metadata
+
+
 def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None):
   """GenEval's folder layout under <workdir>/geneval: config.sample.images_per_prompt images
   per prompt of ``metadata_path``, prompts encoded here, resumable (evaluation/geneval.py)."""
@@ -212,7 +226,7 @@ def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None):
   from fgm_jax.evaluation import geneval as geneval_lib
   from fgm_jax.sd3 import prompt_cache
   s = config.sample
-  metadata = geneval_lib.read_metadata(metadata_path, limit=s.num or None)
+  metadata = geneval_metadata(metadata_path, s.num)
   sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params)
   encode_ids = prompt_cache.sharded_encoder(sd3.encoders, mesh)
   multiple = parallel.batch_device_count(mesh)

@@ -57,11 +57,15 @@ def distill_state(teacher_params, gen_tx, online_tx, ema: bool = True,
                       online_params=online, online_opt_state=online_tx.init(online))
 
 
+def uses_ema(state: DistillState, use_ema: bool = True) -> bool:
+  """Whether generator_params(state, use_ema) gives the EMA weights: asked for and kept
+  (what an export must record, not the flag)."""
+  return bool(use_ema) and state.gen_ema_params is not None
+
+
 def generator_params(state: DistillState, use_ema: bool = True):
   """The generator's EMA weights when asked for and kept, else its weights."""
-  if use_ema and state.gen_ema_params is not None:
-    return state.gen_ema_params
-  return state.gen_params
+  return state.gen_ema_params if uses_ema(state, use_ema) else state.gen_params
 
 
 def _copy(tree, dtype=None):
