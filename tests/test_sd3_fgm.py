@@ -25,6 +25,7 @@ from fgm_jax.sd3 import one_step
 from fgm_jax.sd3 import sampler
 from fgm_jax.sd3 import text
 from fgm_jax.train import loop
+from tests import extra_env
 from tests import helpers
 from tests import xla_flags
 from tests import sd3_reference as ref
@@ -164,6 +165,17 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
   teacher_latents, _ = sampler._sampler(sd3, 1, 1.0)(teacher, sd3.vae_params, noise, cond,
                                                      cond)
   assert ref.max_rel_err(teacher_latents, want_latents) > 1e-5
+  # The same folder where users run it (README): the environment `pip install -e
+  # ".[diffusers]"` gives, without torchvision, in a process without pytest's torchvision
+  # hook (tests/extra_env.py says why it is built from this environment's files).
+  python, versions = extra_env.build(str(tmp_path / "venv"), "diffusers")
+  got_latents, got_images, seen = extra_env.sd3_one_step(
+      python, tmp_path / "one_step", prompts, noise, str(tmp_path), height=16, width=16,
+      max_sequence_length=T5_LENGTH)
+  assert seen == {"versions": {k: versions[k] for k in ("torch", "diffusers", "transformers")},
+                  "torchvision": False, "modules": []}
+  assert ref.max_rel_err(latents, got_latents) <= 1e-4
+  assert ref.max_rel_err(images, got_images) <= 1e-4
   note = json.loads((tmp_path / "one_step" / "fgm_jax.json").read_text())
   assert note["run"] == {"num_inference_steps": 1, "guidance_scale": 1.0}
   assert export.export.use_ema and note["weights"] == "raw"  # what was written, not the flag

@@ -18,7 +18,9 @@ torchvision. With working ops (a CUDA torch) the hook steps aside.
 
 Outside pytest, in a virtual environment made from requirements-test.txt, ``import
 torchvision`` (and so transformers' models and diffusers' pipelines) still fails; fgm_jax
-itself needs neither (it uses transformers' tokenizers only, which do not import it).
+itself needs neither (it uses transformers' tokenizers only, which do not import it). Users
+run exported SD3 folders in diffusers with the `[diffusers]` extra, which leaves torchvision
+out (README); tests/extra_env.py tests that environment without this hook.
 """
 
 import importlib.abc
