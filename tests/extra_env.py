@@ -27,7 +27,11 @@ import re
 import subprocess
 import sys
 import sysconfig
-import tomllib
+
+try:
+  import tomllib
+except ModuleNotFoundError:  # Python 3.10: the TOML reader pip itself uses
+  from pip._vendor import tomli as tomllib
 
 from packaging.markers import Marker
 from packaging.requirements import Requirement
