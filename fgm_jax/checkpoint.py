@@ -10,14 +10,15 @@ a step and the processes then agree on the outcome (train/loop.py).
 """
 
 import functools
-import json
 import os
 import sys
 from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath  # local paths and gs:// buckets alike (TPU pods)
+from etils import epath
+
+from fgm_jax import paths  # local paths and gs:// buckets alike (TPU pods)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -167,9 +168,7 @@ def set_aside(directory: str, step: int) -> str:
 
 
 def as_path(directory: str) -> epath.Path:
-  if "://" in str(directory):
-    return epath.Path(directory)
-  return epath.Path(os.path.abspath(directory))
+  return paths.path(directory)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -190,7 +189,4 @@ def latest_step(directory: str) -> Optional[int]:
 
 
 def write_json(path: str, obj: dict):
-  path = as_path(path)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.replace(path)  # atomic on local disks: a crash never leaves half a file
+  paths.write_json(path, obj)  # whole or not at all, on a disk or in a bucket

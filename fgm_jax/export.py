@@ -26,13 +26,15 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
+from fgm_jax import paths
+
 FORMAT = "fgm_jax.generator/1"
 META_NAME = "generator.json"
 WEIGHTS_NAME = "generator.safetensors"
 
 
 def is_artifact(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, META_NAME))
+  return paths.is_file(os.path.join(path, META_NAME))
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def export(config, workdir):
       "fgm": config.fgm.to_dict(),
       "metrics": _run_metrics(workdir, config.eval.output),
       "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
-      "source_workdir": os.path.abspath(workdir),
+      "source_workdir": paths.absolute(workdir),
   }
   if jax.process_index() == 0:
     _write(out, flat, meta)
@@ -87,9 +89,8 @@ def _trained_teacher(config, workdir):
   command-line config may name another place (the pipeline sets it per workdir)."""
   teacher = config.teacher.to_dict()
   saved = os.path.join(workdir, "config.json")
-  if os.path.isfile(saved):
-    with open(saved) as f:
-      teacher = json.load(f).get("config", {}).get("teacher", teacher)
+  if paths.is_file(saved):
+    teacher = paths.read_json(saved).get("config", {}).get("teacher", teacher)
   return {"workdir": teacher.get("workdir"), "num_steps": teacher.get("num_steps"),
           "data": teacher.get("data")}
 
@@ -98,28 +99,22 @@ def _run_metrics(workdir, eval_name):
   """The run's evaluation, if any: job=evaluate's file in the workdir, or the pipeline's one
   level up (<pipeline workdir>/eval.json beside <pipeline workdir>/fgm)."""
   for path in (os.path.join(workdir, eval_name),
-               os.path.join(os.path.dirname(os.path.abspath(workdir)), "eval.json")):
-    if os.path.isfile(path):
-      with open(path) as f:
-        found = json.load(f)
-      return {"file": os.path.abspath(path), "metrics": found.get("metrics", found)}
+               os.path.join(os.path.dirname(paths.absolute(workdir)), "eval.json")):
+    if paths.is_file(path):
+      found = paths.read_json(path)
+      return {"file": paths.absolute(path), "metrics": found.get("metrics", found)}
   return None
 
 
 def _write(out, flat, meta):
   import safetensors.numpy
-  os.makedirs(out, exist_ok=True)
-  # Written under temporary names and renamed, so a crash never leaves half an artifact
-  # that looks complete (the metadata file, which marks an artifact, is renamed last).
-  tmp_weights = os.path.join(out, WEIGHTS_NAME + ".tmp")
-  safetensors.numpy.save_file(flat, tmp_weights, metadata={"format": FORMAT})
-  os.replace(tmp_weights, os.path.join(out, WEIGHTS_NAME))
-  with open(os.path.join(out, "README.md"), "w") as f:
-    f.write(_readme(meta))
-  tmp_meta = os.path.join(out, META_NAME + ".tmp")
-  with open(tmp_meta, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp_meta, os.path.join(out, META_NAME))
+  paths.makedirs(out)
+  # Each file is written whole (paths.write_bytes), and the metadata file, which marks an
+  # artifact, last: a crash never leaves half an artifact that looks complete.
+  paths.write_bytes(os.path.join(out, WEIGHTS_NAME),
+                    safetensors.numpy.save(flat, metadata={"format": FORMAT}))
+  paths.write_text(os.path.join(out, "README.md"), _readme(meta))
+  paths.write_json(os.path.join(out, META_NAME), meta)
 
 
 def _readme(meta) -> str:
@@ -178,15 +173,14 @@ def load_generator(path: str) -> Generator:
   from fgm_jax.train import steps
 
   meta_path = os.path.join(path, META_NAME)
-  if not os.path.isfile(meta_path):
+  if not paths.is_file(meta_path):
     raise FileNotFoundError(
         f"{path} is not an exported generator (no {META_NAME}); write one with "
         "--config.job=export --workdir=<distill run>.")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = paths.read_json(meta_path)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
-  flat = safetensors.numpy.load_file(os.path.join(path, WEIGHTS_NAME))
+  flat = safetensors.numpy.load(paths.read_bytes(os.path.join(path, WEIGHTS_NAME)))
   params = common.unflatten({tuple(k.split("/")): v for k, v in flat.items()})
   model = models.build(ml_collections.ConfigDict(_tuples(meta["model"])))
   fn = jax.jit(functools.partial(steps.generate, model, t_star=meta["t_star"]))

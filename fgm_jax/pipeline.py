@@ -23,6 +23,7 @@ from fgm_jax import checkpoint
 from fgm_jax import compile_cache
 from fgm_jax import config_checks
 from fgm_jax import parallel
+from fgm_jax import paths
 from fgm_jax import workdir_lock
 from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.evaluation import plots
@@ -140,9 +141,8 @@ def _report_stage(progress, config, workdir, results, sets, evaluator):
   report = report_lib.markdown(config, workdir, results, sets, evaluator, picture,
                                progress.wall, time.time() - progress.start)
   if writer:
-    checkpoint.write_json(os.path.join(workdir, "eval.json"), results)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-      f.write(report)
+    paths.write_json(os.path.join(workdir, "eval.json"), results)
+    paths.write_text(os.path.join(workdir, "report.md"), report)
   progress.end(4, "report", f"total {time.time() - progress.start:.1f} s")
   if writer:
     print(report, flush=True)

@@ -5,6 +5,11 @@ takes ``<workdir>/lock.json``; a second stops with one line naming the holder. A
 process is gone from this host (a SIGKILLed or crashed run) is stale and taken over with a
 warning, so a relaunch after a crash needs no clean-up. Only process 0 of a multi-host run
 takes it; read-only jobs (sample, evaluate, export) do not.
+
+In a gs:// bucket the lock object is created with GCS's generation-match precondition, so of
+two runs starting at once exactly one gets it, as with O_EXCL on a disk. What a bucket cannot
+tell is whether a holder on another host is still alive: such a lock (a run on another VM, or
+one killed with its VM) stops the new run with the holder's name and the object to delete.
 """
 
 import contextlib
@@ -17,6 +22,7 @@ import jax
 from absl import logging
 
 from fgm_jax import checkpoint
+from fgm_jax import paths
 
 LOCK_NAME = "lock.json"
 
@@ -75,20 +81,9 @@ def acquire(workdir: str):
 
 
 def _create_exclusive(path, content: dict) -> bool:
-  """Creates the lock file only if it does not exist (atomic on local disks)."""
-  text = json.dumps(content)
-  if "://" in str(path):  # buckets have no O_EXCL: check, then write (best effort)
-    if path.exists():
-      return False
-    path.write_text(text)
-    return True
-  try:
-    fd = os.open(str(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-  except FileExistsError:
-    return False
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  return True
+  """Creates the lock file only if it does not exist: atomic on local disks and in gs://
+  buckets alike (paths.create_exclusive)."""
+  return paths.create_exclusive(path, json.dumps(content).encode("utf-8"))
 
 
 def release(path: str):

@@ -112,6 +112,7 @@ FILE_SECONDS = {
     "test_notebook.py": 23,
     "test_sd3_text.py": 21,
     "test_mnist5k.py": 57,
+    "test_gcs_bucket.py": 35,
 }
 DEFAULT_FILE_SECONDS = 15
 

@@ -8,7 +8,6 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import logging
 
 from fgm_jax import checkpoint
@@ -16,6 +15,7 @@ from fgm_jax import config_checks
 from fgm_jax import distributed
 from fgm_jax import export
 from fgm_jax import parallel
+from fgm_jax import paths
 from fgm_jax.evaluation import evaluators
 from fgm_jax.train import loop
 from fgm_jax.train import sampling
@@ -63,7 +63,7 @@ def sample(config, workdir):
   path = os.path.join(workdir, s.output)
   if not distributed.is_writer():  # every process drew the samples (a collective); one writes
     return path
-  np.savez(path, x=samples.x)
+  paths.save_npz(path, x=samples.x)
   logging.info("Wrote %d %s samples to %s (%.1f s).", len(samples.x), samples.label, path,
                time.time() - start)
   print(f"wrote {path}: x{tuple(samples.x.shape)} ({samples.label})")

@@ -18,6 +18,7 @@ FID, MNIST-5k and GenEval each arrive as one more line here and one module.
 
 import os
 
+from fgm_jax import paths
 from fgm_jax import registry
 
 _REGISTRY = {
@@ -54,7 +55,7 @@ class Evaluator:
     config.eval.classifier_dir, else ``name`` beside the run's workdir (for runs/digits/fgm
     that is runs/digits/<name>, shared by the pipeline's stages)."""
     chosen = self.eval_config.classifier_dir
-    return chosen or os.path.join(os.path.dirname(os.path.abspath(self.workdir)), name)
+    return chosen or os.path.join(os.path.dirname(paths.absolute(self.workdir)), name)
 
   def metric(self, x, n):
     raise NotImplementedError

@@ -20,7 +20,6 @@ deterministic for a given seed.
 import dataclasses
 import functools
 import os
-import tempfile
 from typing import Callable, Tuple
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ import optax
 import safetensors.numpy
 from flax import traverse_util
 
+from fgm_jax import paths
 from fgm_jax.evaluation import frechet
 
 _EVAL_CHUNK = 512
@@ -190,20 +190,15 @@ def train(spec: Spec, seed: int = 0, epochs=None, log=print):
 def save(spec, variables, path: str, heldout_accuracy: float):
   flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
   tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  # Write then rename, so a concurrent reader never sees half a file.
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-  os.close(fd)
-  safetensors.numpy.save_file(
-      tensors, tmp,
-      metadata={"format": spec.format, "heldout_accuracy": f"{heldout_accuracy:.6f}"})
-  os.replace(tmp, path)
+  paths.makedirs(os.path.dirname(paths.absolute(path)))
+  # Written whole (paths.write_bytes), so a concurrent reader never sees half a file.
+  paths.write_bytes(path, safetensors.numpy.save(
+      tensors, metadata={"format": spec.format, "heldout_accuracy": f"{heldout_accuracy:.6f}"}))
 
 
 def load(spec, path: str):
   """Reads cached variables, checking every name and shape against the model."""
-  loaded = safetensors.numpy.load_file(path)
+  loaded = safetensors.numpy.load(paths.read_bytes(path))
   expected = traverse_util.flatten_dict(_abstract_variables(spec), sep="/")
   problems = [f"missing {k}" for k in expected if k not in loaded]
   problems += [f"unexpected {k}" for k in loaded if k not in expected]
@@ -220,7 +215,7 @@ def load(spec, path: str):
 def load_or_train(spec, cache_dir: str, seed: int = 0, log=print):
   """Cached classifier variables, training (and caching) them first if the file is absent."""
   path = os.path.join(cache_dir, spec.cache_name)
-  if os.path.exists(path):
+  if paths.exists(path):
     return load(spec, path)
   log(f"{spec.name} classifier: no cache at {path}; training on the {spec.name} train split")
   variables, acc = train(spec, seed=seed, log=log)

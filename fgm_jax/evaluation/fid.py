@@ -28,6 +28,7 @@ from absl import logging
 
 from fgm_jax import config_checks
 from fgm_jax import parallel
+from fgm_jax import paths
 from fgm_jax.evaluation import frechet
 from fgm_jax.evaluation import inception
 from fgm_jax.train import sampling
@@ -109,25 +110,23 @@ def check_reference(mu, sigma, source: str, dim: int = FEATURE_DIM):
 
 def load_reference(path: str, dim: int = FEATURE_DIM):
   """(mu, sigma) from an .npz with keys 'mu' and 'sigma'."""
-  if not os.path.isfile(path):
+  if not paths.is_file(path):
     raise FileNotFoundError(
         f"reference statistics {path!r} do not exist. Give an .npz with 'mu' and 'sigma' "
         "(e.g. EDM's cifar10-32x32.npz or pytorch-fid --save-stats output), or leave "
         "config.eval.fid.reference unset to compute them from the tfds dataset.")
-  with np.load(path, allow_pickle=False) as f:
-    missing = [k for k in ("mu", "sigma") if k not in f.files]
-    if missing:
-      raise ReferenceStatsError(
-          f"reference statistics {path!r} lack {missing} (keys: {f.files}); expected an .npz "
-          "with 'mu' and 'sigma'.")
-    return check_reference(f["mu"], f["sigma"], repr(path), dim)
+  f = paths.load_npz(path)
+  missing = [k for k in ("mu", "sigma") if k not in f]
+  if missing:
+    raise ReferenceStatsError(
+        f"reference statistics {path!r} lack {missing} (keys: {list(f)}); expected an .npz "
+        "with 'mu' and 'sigma'.")
+  return check_reference(f["mu"], f["sigma"], repr(path), dim)
 
 
 def save_stats(path: str, mu, sigma, **meta) -> None:
   """Writes (mu, sigma) in the reference format, atomically, with optional scalar metadata."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
-  os.replace(tmp, path)
+  paths.save_npz(path, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
 
 
 class FeatureExtractor:
@@ -166,7 +165,7 @@ def reference_from_tfds(extractor: FeatureExtractor, data_config, split: str, ca
   from fgm_jax.data import tfds_images
   name = f"fid_stats_{data_config.tfds_name}_{split.replace('[', '_').replace(':', '-')}"
   path = os.path.join(cache_dir, name.rstrip("]") + ".npz")
-  if os.path.isfile(path):
+  if paths.is_file(path):
     logging.info("FID reference statistics from the cache %s", path)
     return load_reference(path)
   images, _ = tfds_images.load_arrays(
@@ -177,7 +176,7 @@ def reference_from_tfds(extractor: FeatureExtractor, data_config, split: str, ca
     images = np.repeat(images, 3, axis=-1)
   mu, sigma = extractor.stats(images, what=f"FID reference {data_config.tfds_name}[{split}]")
   if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
+    paths.makedirs(cache_dir)
     save_stats(path, mu, sigma, num_images=len(images))
     logging.info("cached FID reference statistics of %d images in %s", len(images), path)
   return mu, sigma

@@ -7,6 +7,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 
+from fgm_jax import paths
+
 GRID_IMAGES = 64  # per panel: an 8 x 8 grid
 SCATTER_POINTS = 5000
 
@@ -17,6 +19,13 @@ def _figure_to_array(fig) -> np.ndarray:
   buf.seek(0)
   from PIL import Image
   return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def _save_figure(fig, path: str, dpi: int):
+  """A matplotlib figure as a PNG file, on a disk or in a bucket."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+  paths.write_bytes(path, buf.getvalue())
 
 
 def scatter_panels(clouds: Dict[str, np.ndarray], path: str = None, lim: float = 4.5,
@@ -33,7 +42,7 @@ def scatter_panels(clouds: Dict[str, np.ndarray], path: str = None, lim: float =
     ax.set_title(name, fontsize=9), ax.set_xticks([]), ax.set_yticks([])
   image = _figure_to_array(fig)
   if path:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save_figure(fig, path, dpi=100)
   plt.close(fig)
   return image
 
@@ -56,14 +65,13 @@ def image_grid(images: np.ndarray, ncols: int = None, pad: int = 1) -> np.ndarra
 
 def save_png(path: str, image: np.ndarray, upscale: int = 1):
   """Writes a PNG to a local path or a gs:// bucket."""
-  from etils import epath
   from PIL import Image
   img = Image.fromarray(image)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
   buf = io.BytesIO()
   img.save(buf, format="PNG")
-  epath.Path(path).write_bytes(buf.getvalue())
+  paths.write_bytes(path, buf.getvalue())
 
 
 def labelled_grids(grids: Dict[str, np.ndarray], path: str, panel_inches: float = 3.2):
@@ -78,7 +86,7 @@ def labelled_grids(grids: Dict[str, np.ndarray], path: str, panel_inches: float 
     ax.imshow(grid, interpolation="nearest")
     ax.set_title(name, fontsize=10)
     ax.set_xticks([]), ax.set_yticks([])
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  _save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 

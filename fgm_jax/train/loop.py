@@ -26,6 +26,7 @@ from fgm_jax import compile_cache
 from fgm_jax import config_checks
 from fgm_jax import distributed
 from fgm_jax import parallel
+from fgm_jax import paths
 from fgm_jax import workdir_lock
 from fgm_jax.train import trainers
 from fgm_jax.train import visualize
@@ -76,6 +77,8 @@ def make_writer(workdir, enabled=True):
   """TensorBoard + log lines, on process 0 only (the others' metrics are the same)."""
   if not enabled or not distributed.is_writer():
     return None
+  if paths.is_remote(workdir):  # TensorFlow's own GCS writer is not the tested path layer
+    return paths.MirroredWriter(workdir)
   from clu import metric_writers
   return metric_writers.create_default_writer(workdir)
 
@@ -182,7 +185,7 @@ def _train(config, workdir, mesh, write_metrics, progress):
     mgr.wait_until_finished()  # an async save in flight completes (or fails) here
     mgr.close()
     if writer is not None:
-      writer.flush()
+      writer.close()  # a bucket run's events are uploaded here at the latest
   return trainer, state
 
 

