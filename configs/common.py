@@ -31,9 +31,12 @@ def mesh(data=-1, fsdp=1, tensor=1, rules=()):
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=rules))
 
 
-def base(job):
+def base(job, trainer):
+  """trainer: the kind of training run this config describes (fgm_jax/train/kinds.py):
+  'teacher' (flow matching on data), 'fgm' (FGM from a teacher run), 'sd3_fgm'."""
   c = ml_collections.ConfigDict()
   c.job = job
+  c.trainer = trainer
   c.seed = 0
   c.mesh = mesh()
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
@@ -154,6 +157,8 @@ def sd3_run(job, variant):
   words = parse_variant(variant, ("runlocal",))
   c = ml_collections.ConfigDict()
   c.job = job
+  # Sampling and prompt-cache configs train nothing; configs/sd3_fgm.py sets 'sd3_fgm'.
+  c.trainer = ml_collections.config_dict.placeholder(str)
   c.seed = 0
   c.mesh = mesh()
   c.sd3 = sd3()

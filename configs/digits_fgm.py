@@ -19,7 +19,7 @@ from configs import digits_teacher
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal",))
-  c = common.base("pipeline")
+  c = common.base("pipeline", "fgm")
   c.teacher = digits_teacher.get_config(variant)
   c.teacher.workdir = "runs/digits/teacher"  # where the pipeline puts it for --workdir=runs/digits
   c.teacher.use_ema = True

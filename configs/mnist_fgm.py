@@ -22,7 +22,7 @@ from configs import mnist_teacher
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal",))
-  c = common.base("pipeline")
+  c = common.base("pipeline", "fgm")
   c.teacher = mnist_teacher.get_config(variant)
   c.teacher.workdir = "runs/mnist5k/teacher"  # where the pipeline puts it for --workdir=runs/mnist5k
   c.teacher.use_ema = True

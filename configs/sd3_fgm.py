@@ -39,6 +39,7 @@ from configs import common
 
 def get_config(variant=""):
   c, words = common.sd3_run("distill", variant)
+  c.trainer = "sd3_fgm"
   # A prompt cache folder (configs/sd3_prompts.py) for distillation; config.prompts (a file)
   # for job=sample. ':runlocal' builds both from the tiny folder.
   c.prompt_cache = ml_collections.config_dict.placeholder(str)
@@ -61,7 +62,7 @@ def get_config(variant=""):
       teacher_dtype="bfloat16"))
   c.optim = common.optim(lr=1e-5, b1=0.0, b2=0.999)  # generator
   c.online_optim = common.optim(lr=1e-5, b1=0.0, b2=0.999)
-  base = common.base("distill")
+  base = common.base("distill", "sd3_fgm")
   c.checkpoint = base.checkpoint
   c.checkpoint.every = 500
   c.log = base.log

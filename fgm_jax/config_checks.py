@@ -13,6 +13,7 @@ from fgm_jax import fgm
 from fgm_jax import flow
 from fgm_jax import models
 from fgm_jax import parallel
+from fgm_jax.train import kinds
 
 JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export", "prompt_cache",
         "compile")
@@ -126,6 +127,7 @@ def validate(config, device_count=None):
   prompt cache); aot.run validates it again with the topology's ``device_count``.
   """
   _require(config.job in JOBS, f"config.job={config.job!r} is unknown; choose one of {JOBS}.")
+  _check_trainer(config)
   if config.job == "compile" and device_count is None:
     return _check_compile(config)
   if is_sd3_distill(config):
@@ -155,6 +157,20 @@ def validate(config, device_count=None):
            f"{sorted(flow.SAMPLERS)}.")
   _require(config.checkpoint.every >= 1,
            f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
+
+
+def _check_trainer(config):
+  """config.trainer names a known kind and the config has that kind's sections."""
+  if "sd3" in config and not config.trainer:
+    return  # an SD3 sampling / prompt-cache config: no training run
+  _require(config.trainer in kinds.KINDS,
+           f"config.trainer={config.trainer!r} is unknown; choose one of {sorted(kinds.KINDS)} "
+           "(configs/common.py: base(job, trainer)).")
+  if is_distill(config):
+    missing = [k for k in ("teacher", "fgm") if k not in config]
+    _require(not missing, f"config.trainer={config.trainer!r} distils a teacher, but the "
+             f"config has no {' or '.join('config.' + k for k in missing)}; start it from a "
+             "distillation config such as configs/toy2d_fgm.py.")
 
 
 def _check_sd3(config):
@@ -256,12 +272,13 @@ def _batch_devices(config, device_count=None):
 
 
 def is_distill(config) -> bool:
-  return "teacher" in config and "fgm" in config
+  """A distillation config (config.trainer declares it): config.teacher and config.fgm."""
+  return config.trainer in kinds.DISTILL_KINDS
 
 
 def is_sd3_distill(config) -> bool:
   """An SD3 FGM config: its teacher is an SD3 diffusers folder (configs/sd3_fgm.py)."""
-  return is_distill(config) and "sd3" in config
+  return config.trainer == "sd3_fgm"
 
 
 def run_kind(config) -> str:

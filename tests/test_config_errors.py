@@ -55,6 +55,17 @@ def test_unknown_dataset(tmp_path, no_compile):
   _expect(c, tmp_path, "config.data.name='imagenet9'", "toy2d")
 
 
+def test_run_kind_is_declared_and_checked(tmp_path, no_compile):
+  """config.trainer decides the kind of run, not which sections a config happens to have."""
+  c = helpers.tiny_teacher_config()
+  c.trainer = "diffusion"
+  _expect(c, tmp_path, "config.trainer='diffusion' is unknown", "'fgm'", "'teacher'")
+  c = helpers.tiny_teacher_config()
+  c.trainer = "fgm"  # a teacher config declared as a distillation
+  _expect(c, tmp_path, "config.trainer='fgm' distils a teacher", "config.teacher",
+          "config.fgm", "configs/toy2d_fgm.py")
+
+
 def test_unknown_toy_distribution(tmp_path, no_compile):
   c = helpers.tiny_teacher_config()
   c.data.distribution = "spiral"

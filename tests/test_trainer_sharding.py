@@ -33,7 +33,7 @@ TEXT_LEN, PROMPTS, STEPS = 5, 24, 2
 
 
 def distill_config(fsdp):
-  teacher = common.base("teacher")
+  teacher = common.base("teacher", "teacher")
   teacher.model = ml_collections.ConfigDict(MMDIT)
   # Only the example shape is read: the distill step draws no data, only conditioning rows.
   teacher.data = dict(name="tfds", tfds_name="unused", shape=(8, 8, 4))
@@ -41,7 +41,7 @@ def distill_config(fsdp):
   teacher.flow = common.times()
   teacher.workdir = "unused"
   teacher.use_ema = True
-  c = common.base("distill")
+  c = common.base("distill", "fgm")
   c.teacher = teacher
   c.mesh = common.mesh(fsdp=fsdp)  # no rules: the trainer must take MM-DiT's own
   c.batch_size = 8

@@ -240,3 +240,8 @@ class SD3DistillTrainer(trainers.DistillTrainer):
     jitted = self._jit("generator", one_step, in_shardings=(self.param_shardings, batch, batch),
                        out_shardings=batch).jitted
     return jitted, (gen, self._abstract_noise(sample_batch), self._abstract_cond(sample_batch))
+
+
+# config.trainer = 'sd3_fgm' (train/kinds.py): the teacher is the folder's MM-DiT.
+KIND = trainers.TrainerKind(build=build_trainer, build_abstract=SD3DistillTrainer,
+                            prepare=prepare, prepare_architecture=prepare_architecture)

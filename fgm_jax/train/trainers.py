@@ -19,6 +19,7 @@ Every function is traced under the run's mesh and logical-axis rules (parallel.S
 
 import collections
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 
@@ -29,6 +30,7 @@ from fgm_jax import models
 from fgm_jax import parallel
 from fgm_jax.data import arrays
 from fgm_jax.train import keys as keys_lib
+from fgm_jax.train import kinds
 from fgm_jax.train import optim
 from fgm_jax.train import sampling
 from fgm_jax.train import state as state_lib
@@ -349,31 +351,41 @@ def restore_teacher_params(teacher_layout: TeacherTrainer, teacher_config):
   return teacher_layout.teacher_params(state, teacher_config.use_ema)
 
 
+class TrainerKind(NamedTuple):
+  """What a run kind (config.trainer, kinds.py) gives the loop, the pipeline and job=compile.
+
+  build(config, mesh) -> Trainer               a trainer with its weights (teacher, data)
+  build_abstract(config, mesh) -> Trainer      shapes and jitted functions only (job=compile)
+  prepare(config, workdir) -> config           fields filled at run time (e.g. from a folder)
+  prepare_architecture(config, workdir)        ``prepare`` without reading data (job=compile)
+  """
+  build: Callable
+  build_abstract: Callable
+  prepare: Callable = lambda config, workdir: config
+  prepare_architecture: Callable = lambda config, workdir: config
+
+
+TEACHER = TrainerKind(build=TeacherTrainer, build_abstract=TeacherTrainer)
+FGM = TrainerKind(build=DistillTrainer, build_abstract=DistillTrainer)
+
+
+def kind(config) -> TrainerKind:
+  return kinds.resolve(config.trainer)
+
+
 def prepare(config, workdir):
-  """The config a run trains with: an SD3 FGM config gets its architecture from the SD3
-  folder (and, for ':runlocal', its tiny folder and prompt cache); others are unchanged."""
-  if config_checks.is_sd3_distill(config):
-    from fgm_jax.sd3 import distill
-    return distill.prepare(config, workdir)
-  return config
+  """The config a run trains with (an SD3 FGM config gets its architecture from the SD3
+  folder and, for ':runlocal', its tiny folder and prompt cache; others are unchanged)."""
+  return kind(config).prepare(config, workdir)
 
 
 def build_abstract(config, workdir, mesh):
   """(config, trainer) for job=compile: shapes and jitted functions only; no checkpoint,
   data, teacher weights or prompt cache is read."""
-  if config_checks.is_sd3_distill(config):
-    from fgm_jax.sd3 import distill
-    config = distill.prepare_architecture(config, workdir)
-    return config, distill.SD3DistillTrainer(config, mesh)
-  if config_checks.is_distill(config):
-    return config, DistillTrainer(config, mesh)
-  return config, TeacherTrainer(config, mesh)
+  k = kind(config)
+  config = k.prepare_architecture(config, workdir)
+  return config, k.build_abstract(config, mesh)
 
 
-def build(config, mesh, **kwargs):
-  if config_checks.is_sd3_distill(config):
-    from fgm_jax.sd3 import distill
-    return distill.build_trainer(config, mesh)
-  if config_checks.is_distill(config):
-    return DistillTrainer(config, mesh, **kwargs)
-  return TeacherTrainer(config, mesh)
+def build(config, mesh):
+  return kind(config).build(config, mesh)
