@@ -45,7 +45,7 @@ def export(config, workdir):
   import jax
   from fgm_jax import config_checks
   from fgm_jax import models
-  from fgm_jax.convert import common
+  from fgm_jax import params_tree
   from fgm_jax.evaluation import evaluate
 
   if config_checks.is_sd3_distill(config):
@@ -62,7 +62,7 @@ def export(config, workdir):
   params = state_lib.generator_params(state, e.use_ema)
   out = e.output or os.path.join(workdir, "generator")
   flat = {"/".join(path): np.asarray(x)
-          for path, x in common.flatten(jax.device_get(params)).items()}
+          for path, x in params_tree.flatten(jax.device_get(params)).items()}
   meta = {
       "format": FORMAT,
       "model": model_config.to_dict(),
@@ -169,7 +169,7 @@ def load_generator(path: str) -> Generator:
   import safetensors.numpy
 
   from fgm_jax import models
-  from fgm_jax.convert import common
+  from fgm_jax import params_tree
   from fgm_jax.train import steps
 
   meta_path = os.path.join(path, META_NAME)
@@ -181,7 +181,7 @@ def load_generator(path: str) -> Generator:
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
   flat = safetensors.numpy.load(paths.read_bytes(os.path.join(path, WEIGHTS_NAME)))
-  params = common.unflatten({tuple(k.split("/")): v for k, v in flat.items()})
+  params = params_tree.unflatten({tuple(k.split("/")): v for k, v in flat.items()})
   model = models.build(ml_collections.ConfigDict(_tuples(meta["model"])))
   fn = jax.jit(functools.partial(steps.generate, model, t_star=meta["t_star"]))
   return Generator(apply=functools.partial(fn, params), shape=tuple(meta["example_shape"]),

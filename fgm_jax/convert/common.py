@@ -7,7 +7,7 @@ Layout facts the converters rely on:
 * Biases, norm scales and embeddings keep their layout.
 
 Params trees are nested dicts of arrays. A "flat" mapping uses tuple paths
-(``("blocks_0", "attn", "to_q", "kernel")``) as keys; ``path_str`` renders them with '/'.
+(``("blocks_0", "attn", "to_q", "kernel")``) as keys (fgm_jax/params_tree.py).
 """
 
 import hashlib
@@ -17,7 +17,10 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
-Path = Tuple[str, ...]
+# The tree helpers live one floor down (evaluation and export use them too); re-exported here
+# because every converter reads them as common.*.
+from fgm_jax.params_tree import (  # pylint: disable=unused-import
+    ConversionError, Path, flatten, path_str, shape_tree, unflatten)
 
 # ----------------------------------------------------------------------------- layouts
 
@@ -53,49 +56,6 @@ def identity(a):
 def _check_ndim(a, ndim, what):
   if np.ndim(a) != ndim:
     raise ValueError(f"{what} must have {ndim} dims, got shape {np.shape(a)}.")
-
-
-# ----------------------------------------------------------------------------- trees
-
-
-def path_str(path: Path) -> str:
-  return "/".join(path)
-
-
-def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> Dict[Path, Any]:
-  """Nested dict -> {tuple path: leaf}."""
-  out = {}
-  for key, value in tree.items():
-    path = prefix + (str(key),)
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path))
-    else:
-      out[path] = value
-  return out
-
-
-def unflatten(flat: Mapping[Path, Any]) -> Dict[str, Any]:
-  """{tuple path: leaf} -> nested dict."""
-  tree: Dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
-def shape_tree(tree: Mapping[str, Any]) -> Dict[Path, Tuple[int, ...]]:
-  """{path: shape} of a params tree (arrays or jax.ShapeDtypeStruct leaves)."""
-  return {p: tuple(np.shape(v)) if not hasattr(v, "shape") else tuple(v.shape)
-          for p, v in flatten(tree).items()}
-
-
-# ----------------------------------------------------------------------------- checked fill
-
-
-class ConversionError(ValueError):
-  """Raised when weights and the expected params tree disagree; lists every problem."""
 
 
 # ------------------------------------------------------------------- reading foreign files

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgm_jax.convert import common
+from fgm_jax import params_tree
 
 FEATURE_DIM = 2048
 RESIZE_TO = 299  # pytorch-fid resizes every input to the size the TF graph was built for
@@ -324,7 +324,7 @@ def init_params(seed: int = 0) -> Dict[str, Any]:
       flat[path] = np.ones(shape, np.float32)
     else:  # bias, mean
       flat[path] = np.zeros(shape, np.float32)
-  return common.unflatten(flat)
+  return params_tree.unflatten(flat)
 
 
 def _he_truncated_normal(rng, shape):
@@ -345,7 +345,7 @@ def _he_truncated_normal(rng, shape):
 def _expected_shapes() -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   x = jax.ShapeDtypeStruct((1, _MIN_SIZE, _MIN_SIZE, 3), jnp.float32)
   abstract = jax.eval_shape(FIDInceptionV3(image_size=None).init, jax.random.PRNGKey(0), x)
-  return common.shape_tree(abstract)
+  return params_tree.shape_tree(abstract)
 
 
 def expected_shapes() -> Dict[Tuple[str, ...], Tuple[int, ...]]:
@@ -355,7 +355,7 @@ def expected_shapes() -> Dict[Tuple[str, ...], Tuple[int, ...]]:
 
 def tree_problems(expected: Dict[Tuple[str, ...], Tuple[int, ...]],
                   got: Dict[Tuple[str, ...], Tuple[int, ...]],
-                  name=common.path_str, limit: int = 8) -> Sequence[str]:
+                  name=params_tree.path_str, limit: int = 8) -> Sequence[str]:
   """The first ``limit`` missing, unexpected and mis-shaped keys of ``got`` against
   ``expected`` (each one line; empty when they agree); ``name`` renders a path."""
   missing = [p for p in expected if p not in got]
@@ -377,7 +377,7 @@ def check_params_file(path: str) -> None:
   """Checks a file written by ``python -m fgm_jax.convert.inception`` from its header alone
   (format and every shape), without reading the 95 MB of weights.
 
-  Raises InceptionWeightsNotFoundError for a missing file and common.ConversionError for a
+  Raises InceptionWeightsNotFoundError for a missing file and params_tree.ConversionError for a
   file that is not converted FID Inception weights (naming the first mismatching keys).
   """
   import safetensors
@@ -390,16 +390,16 @@ def check_params_file(path: str) -> None:
       meta = f.metadata() or {}
       shapes = {tuple(k.split("/")): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
   except Exception as e:  # safetensors raises its own error types for non-safetensors bytes
-    raise common.ConversionError(
+    raise params_tree.ConversionError(
         f"{path} is not a safetensors file ({type(e).__name__}: {e}). If it is pytorch-fid's "
         f"{FID_WEIGHTS_NAME}, convert it first: {CONVERT_COMMAND}") from None
   if meta.get("format", FORMAT) != FORMAT:
-    raise common.ConversionError(
+    raise params_tree.ConversionError(
         f"{path} holds {meta['format']!r}, not FID Inception weights ({FORMAT!r}); convert "
         f"pytorch-fid's {FID_WEIGHTS_NAME} with: {CONVERT_COMMAND}")
   problems = tree_problems(expected_shapes(), shapes)
   if problems:
-    raise common.ConversionError(
+    raise params_tree.ConversionError(
         f"{path} does not match the FID Inception-V3: " + " | ".join(problems)
         + f". Re-convert pytorch-fid's {FID_WEIGHTS_NAME} with: {CONVERT_COMMAND}")
 
@@ -411,5 +411,5 @@ def load_params(path: str) -> Dict[str, Any]:
 
   check_params_file(path)
   flat = safetensors.numpy.load_file(os.fspath(path))
-  return common.unflatten({tuple(k.split("/")): np.asarray(v, np.float32)
+  return params_tree.unflatten({tuple(k.split("/")): np.asarray(v, np.float32)
                            for k, v in flat.items()})
