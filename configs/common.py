@@ -158,7 +158,7 @@ def sd3_run(job, variant):
   c = ml_collections.ConfigDict()
   c.job = job
   # Sampling and prompt-cache configs train nothing; configs/sd3_fgm.py sets 'sd3_fgm'.
-  c.trainer = ml_collections.config_dict.placeholder(str)
+  c.trainer = "sd3_folder"
   c.seed = 0
   c.mesh = mesh()
   c.sd3 = sd3()

@@ -132,7 +132,7 @@ def validate(config, device_count=None):
     return _check_compile(config)
   if is_sd3_distill(config):
     return _check_sd3_fgm(config, device_count)
-  if "sd3" in config:
+  if config.trainer == "sd3_folder":
     return _check_sd3(config)
   if is_distill(config):
     _check_model_and_data(config.teacher.model, config.teacher.data, "config.teacher")
@@ -161,8 +161,6 @@ def validate(config, device_count=None):
 
 def _check_trainer(config):
   """config.trainer names a known kind and the config has that kind's sections."""
-  if "sd3" in config and not config.trainer:
-    return  # an SD3 sampling / prompt-cache config: no training run
   _require(config.trainer in kinds.KINDS,
            f"config.trainer={config.trainer!r} is unknown; choose one of {sorted(kinds.KINDS)} "
            "(configs/common.py: base(job, trainer)).")
@@ -256,7 +254,7 @@ def _check_sd3_fgm(config, device_count=None):
 
 def _check_compile(config):
   """job=compile before the devices are known: only the run kind's own fields."""
-  _require(not ("sd3" in config and not is_sd3_distill(config)),
+  _require(config.trainer != "sd3_folder",
            "config.job='compile' compiles training runs (teacher, FGM, SD3 FGM configs); "
            "this SD3 config samples or caches prompts.")
   _require(config.aot.sample_batch >= 0,

@@ -68,9 +68,9 @@ RUNS = {
 
 def run(config, workdir):
   from fgm_jax import config_checks
-  from fgm_jax import registry
+  from fgm_jax.train import kinds
   config_checks.validate(config)
-  return registry.resolve(RUNS, config.job, "config.job")(config, workdir)
+  return kinds.job_function(config.trainer, config.job, RUNS)(config, workdir)
 
 
 class _QuietLibraries:

@@ -12,11 +12,25 @@ KINDS = {
     "teacher": "fgm_jax.train.trainers:TEACHER",  # flow matching on config.data
     "fgm": "fgm_jax.train.trainers:FGM",  # FGM from a teacher run's checkpoint
     "sd3_fgm": "fgm_jax.sd3.distill:KIND",  # FGM of an SD3 diffusers folder's MM-DiT
+    "sd3_folder": None,  # trains nothing: samples an SD3 folder, caches prompt embeddings
 }
 # Kinds whose config nests the teacher (config.teacher) and the FGM settings (config.fgm).
 DISTILL_KINDS = ("fgm", "sd3_fgm")
+# Jobs a kind runs its own way ("module:function(config, workdir)"), in place of main.RUNS.
+JOBS = {
+    "sd3_fgm": {"sample": "fgm_jax.sd3.one_step:sample",
+                "export": "fgm_jax.sd3.one_step:export"},
+    "sd3_folder": {"sample": "fgm_jax.sd3.sampler:run"},
+}
 
 
 def resolve(name: str):
   """The TrainerKind registered under ``name`` (config.trainer)."""
+  if name in KINDS and KINDS[name] is None:
+    raise ValueError(f"config.trainer={name!r} trains nothing; it has no trainer.")
   return registry.resolve(KINDS, name, "config.trainer")
+
+
+def job_function(kind: str, job: str, default_jobs: dict):
+  """The function that runs ``job`` for a run of ``kind``: the kind's own, else the default."""
+  return registry.resolve({**default_jobs, **JOBS.get(kind, {})}, job, "config.job")
