@@ -19,10 +19,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from fgm_jax import config_checks
-from fgm_jax.evaluation import evaluate
 from fgm_jax.evaluation import feature_classifier as fc
 from fgm_jax.evaluation import mnist5k_evaluator as me
 from fgm_jax.evaluation import evaluators
+from fgm_jax.train import run_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to sample (teacher or distill).")
@@ -37,7 +37,7 @@ def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   config_checks.validate(config)
-  trainer, state = evaluate.restore_latest(config, workdir)
+  trainer, state = run_dir.restore_latest(config, workdir)
   cache_dir = evaluators.build(trainer, config.eval, workdir).classifier_dir
   steps = _TEACHER_STEPS.value
   if config_checks.is_distill(config) and not steps:

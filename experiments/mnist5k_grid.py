@@ -14,9 +14,9 @@ import sys
 import tempfile
 
 from configs import mnist_fgm
-from fgm_jax.evaluation import evaluate
 from fgm_jax.evaluation import evaluators
 from fgm_jax.evaluation import plots
+from fgm_jax.train import run_dir
 from fgm_jax.train import sampling
 
 
@@ -32,12 +32,12 @@ def _fgm_config(root, **fgm):
 def panels(root):
   c = _fgm_config(root)
   n, seed = plots.GRID_IMAGES, c.eval.seed
-  trainer, state = evaluate.restore_latest(c, os.path.join(root, "fgm"))
+  trainer, state = run_dir.restore_latest(c, os.path.join(root, "fgm"))
   real = evaluators.build(trainer, c.eval, os.path.join(root, "fgm")).reference_panel()
   euler = trainer.teacher_samples(state, n, seed, 50)
   heun = _heun(trainer, state, n, seed)
   fgm = trainer.samples(state, n, seed, True)
-  trainer12, state12 = evaluate.restore_latest(_fgm_config(root, alpha=1.2),
+  trainer12, state12 = run_dir.restore_latest(_fgm_config(root, alpha=1.2),
                                                os.path.join(root, "fgm_alpha1.2"))
   fgm12 = trainer12.samples(state12, n, seed, True)
   return [real,
@@ -48,7 +48,7 @@ def panels(root):
 
 
 def _heun(trainer, state, n, seed):
-  sample = trainer.teacher_config.sample
+  sample = trainer.teacher_sample
   method, sample.method = sample.method, "heun"
   try:
     return trainer.teacher_samples(state, n, seed, 25)

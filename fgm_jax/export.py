@@ -46,7 +46,7 @@ def export(config, workdir):
   from fgm_jax import config_checks
   from fgm_jax import models
   from fgm_jax import params_tree
-  from fgm_jax.evaluation import evaluate
+  from fgm_jax.train import run_dir
 
   if config_checks.is_sd3_distill(config):
     from fgm_jax.sd3 import one_step
@@ -56,7 +56,7 @@ def export(config, workdir):
     raise config_checks.ConfigError(
         f"config.job='export' writes unconditional one-step generators (MLP / U-Net); "
         f"model.name={model_config.name!r} needs conditioning, whose export is not built yet.")
-  trainer, state = evaluate.restore_latest(config, workdir)
+  trainer, state = run_dir.restore_latest(config, workdir)
   e = config.export
   from fgm_jax.train import state as state_lib
   params = state_lib.generator_params(state, e.use_ema)

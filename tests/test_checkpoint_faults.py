@@ -19,8 +19,8 @@ import pytest
 from fgm_jax import checkpoint
 from fgm_jax import distributed
 from fgm_jax import main as main_lib
-from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import loop
+from fgm_jax.train import run_dir
 from tests import helpers
 
 
@@ -110,7 +110,7 @@ def test_truncated_newest_checkpoint_is_set_aside_and_training_resumes_from_the_
   assert os.path.isdir(moved)
   assert checkpoint.steps(checkpoint.checkpoint_dir(workdir)) == [10, 20, 30]
   # ... and ends exactly where a run that never saw the damaged checkpoint ends.
-  _, restored = evaluate_lib.restore_latest(config, workdir)
+  _, restored = run_dir.restore_latest(config, workdir)
   for a, b, c in zip(*(jax.tree.leaves(jax.device_get(x)) for x in (reference, state, restored))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

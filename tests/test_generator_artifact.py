@@ -17,8 +17,8 @@ from fgm_jax import config_checks
 from fgm_jax import main as main_lib
 from fgm_jax import parallel
 from fgm_jax import workdir_lock
-from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import loop
+from fgm_jax.train import run_dir
 from tests import helpers
 from tests import xla_flags
 
@@ -67,7 +67,7 @@ def test_export_then_load_gives_the_runs_samples_bit_for_bit(runs):
   assert meta["model"]["name"] == "mlp" and meta["t_star"] == config.fgm.t_star
 
   gen = fgm_jax.load_generator(out)
-  trainer, state = evaluate_lib.restore_latest(config, fgm_dir)
+  trainer, state = run_dir.restore_latest(config, fgm_dir)
   want = trainer.samples(state, N, seed=3).x
   np.testing.assert_array_equal(gen.sample(N, seed=3), want)
   assert gen.shape == (2,)

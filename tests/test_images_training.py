@@ -15,10 +15,10 @@ import pytest
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import parallel
-from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.models import unet
 from fgm_jax.train import trainers
 from fgm_jax.train import loop
+from fgm_jax.train import run_dir
 from configs import cifar10_fgm
 from configs import cifar10_teacher
 from configs import digits_teacher
@@ -144,7 +144,7 @@ def unet_runs(tmp_path_factory):
   out["stopped_at"] = checkpoint.latest_step(ckpt_dir)
   _, out["resumed"] = loop.train(config, stopped, mesh=mesh, write_metrics=False,
                                  progress=False)
-  _, out["restored"] = evaluate_lib.restore_latest(config, full, mesh=mesh)
+  _, out["restored"] = run_dir.restore_latest(config, full, mesh=mesh)
   return out
 
 

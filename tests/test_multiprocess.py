@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from fgm_jax import parallel
-from fgm_jax.evaluation import evaluate as evaluate_lib
+from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
 from tests import helpers
 from tests import xla_flags
@@ -151,7 +151,7 @@ def _reference(config):
 
 
 def _final_state(config, workdir):
-  _, state = evaluate_lib.restore_latest(config, str(workdir))
+  _, state = run_dir.restore_latest(config, str(workdir))
   return jax.device_get(state)
 
 

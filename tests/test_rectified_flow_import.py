@@ -46,8 +46,8 @@ from fgm_jax import parallel
 from fgm_jax.convert import common
 from fgm_jax.convert import rectified_flow
 from fgm_jax.convert import rectified_flow_keys
-from fgm_jax.evaluation import evaluate
 from fgm_jax.models import unet
+from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
 from tests import helpers
 from tests import rf_reference
@@ -92,7 +92,7 @@ def restored(converted):
   job=sample / job=evaluate restore a run, the raw import the way the distiller does
   (configs/cifar10_fgm.py:rf_teacher,runlocal, teacher.use_ema=True)."""
   assert converted["cli"].returncode == 0, converted["cli"].stderr[-2000:]
-  trainer, state = evaluate.restore_latest(_teacher_config(), converted["ema"])
+  trainer, state = run_dir.restore_latest(_teacher_config(), converted["ema"])
   assert int(state.step) == converted["ckpt"].step
   assert trainer.model.time_scale == 999.0 and trainer.model.time_reverse
   fgm = cifar10_fgm.get_config("rf_teacher,runlocal")
@@ -171,7 +171,7 @@ def test_chosen_tensors_land_where_our_code_reads_them(converted, restored):
 
 def test_workdir_records_config_and_provenance(converted):
   ckpt, workdir = converted["ckpt"], converted["ema"]
-  # config.json as loop.prepare_workdir writes it.
+  # config.json as run_dir.prepare_workdir writes it.
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   want = json.loads(json.dumps(config_checks.fingerprint(_teacher_config())))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from fgm_jax import checkpoint
-from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.train import loop
+from fgm_jax.train import run_dir
 from tests import helpers
 from tests import xla_flags
 
@@ -72,7 +72,7 @@ def _complete_steps(ckpt_dir):
 
 
 def _final_params(config, workdir):
-  job, state = evaluate_lib.restore_latest(config, workdir)
+  job, state = run_dir.restore_latest(config, workdir)
   return int(state.step), jax.device_get(state)
 
 

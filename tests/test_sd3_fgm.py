@@ -20,11 +20,11 @@ from fgm_jax import config_checks
 from fgm_jax import main as main_lib
 from fgm_jax import parallel
 from fgm_jax.convert import diffusers as dconv
-from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.sd3 import one_step
 from fgm_jax.sd3 import sampler
 from fgm_jax.sd3 import text
 from fgm_jax.train import loop
+from fgm_jax.train import run_dir
 from tests import extra_env
 from tests import helpers
 from tests import xla_flags
@@ -88,11 +88,11 @@ def _state(config, workdir, mesh=None, step=None):
   from fgm_jax.train import trainers
   config = trainers.prepare(config, workdir)
   if step is None:
-    _, state = evaluate_lib.restore_latest(config, workdir, mesh)
+    _, state = run_dir.restore_latest(config, workdir, mesh)
   else:
     trainer = trainers.build(config, mesh or parallel.mesh_from_config(config.mesh))
     mgr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), async_save=False)
-    state, _ = loop.restore_or_init(trainer, mgr, step)
+    state, _ = run_dir.restore_or_init(trainer, mgr, step)
     mgr.close()
   return int(state.step), jax.device_get(state)
 

@@ -9,7 +9,7 @@ step 800k, FID 2.58 with RK45). OUT_WORKDIR becomes a teacher workdir that the r
 reads as if our own teacher job had written it:
 
     OUT_WORKDIR/checkpoints/<step>/   orbax TeacherState (fgm_jax/train/state.py) at their step
-    OUT_WORKDIR/config.json           the teacher config, saved as loop.prepare_workdir does
+    OUT_WORKDIR/config.json           the teacher config, saved as run_dir.prepare_workdir does
     OUT_WORKDIR/provenance.json       source file, sha256, weights chosen, step, what was dropped
 
 so that ``--config.teacher.workdir=OUT_WORKDIR`` with ``configs/cifar10_fgm.py:rf_teacher``
@@ -201,7 +201,7 @@ def convert(checkpoint_path: str, workdir: str, teacher_config, weights: str = "
   """
   from fgm_jax import checkpoint
   from fgm_jax import workdir_lock
-  from fgm_jax.train import loop
+  from fgm_jax.train import run_dir
   if weights not in WEIGHTS:
     raise common.ConversionError(f"--weights={weights!r}: choose 'ema' (what RectifiedFlow "
                                  "samples with) or 'model' (the raw training weights).")
@@ -262,10 +262,10 @@ def convert(checkpoint_path: str, workdir: str, teacher_config, weights: str = "
   }
   teacher_state = _teacher_state(params, config, step)
   with workdir_lock.held(workdir):
-    loop.prepare_workdir(config, workdir)
+    run_dir.prepare_workdir(config, workdir)
     mgr = checkpoint.manager(ckpt_dir, async_save=False)
     # The metadata our teacher job saves with each checkpoint, plus where this one came from.
-    meta = dict(loop._meta(config, step), imported_from=provenance)  # pylint: disable=W0212
+    meta = dict(run_dir.meta(config, step), imported_from=provenance)
     checkpoint.save(mgr, step, teacher_state, meta, force=True)
     mgr.wait_until_finished()
     mgr.close()

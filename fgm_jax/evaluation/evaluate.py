@@ -14,30 +14,10 @@ from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import distributed
 from fgm_jax import export
-from fgm_jax import parallel
 from fgm_jax import paths
 from fgm_jax.evaluation import evaluators
-from fgm_jax.train import loop
+from fgm_jax.train import run_dir
 from fgm_jax.train import sampling
-from fgm_jax.train import trainers
-
-
-def restore_latest(config, workdir, mesh=None):
-  """(trainer, state) of the newest checkpoint in ``workdir``, or a clear error."""
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
-  step = checkpoint.latest_step(ckpt_dir)
-  if step is None:
-    raise checkpoint.CheckpointNotFoundError(
-        f"--workdir={workdir} holds no checkpoint (looked in {ckpt_dir}). Train first with "
-        f"--config.job={config_checks.run_kind(config)} and the same --workdir, or point "
-        "--workdir at a finished run.")
-  config_checks.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
-  trainer = trainers.build(config, mesh)
-  mgr = checkpoint.manager(ckpt_dir, async_save=False)
-  state, _ = loop.restore_or_init(trainer, mgr, step)
-  mgr.close()
-  return trainer, state
 
 
 def sample(config, workdir):
@@ -58,7 +38,7 @@ def sample(config, workdir):
     x = export.load_generator(workdir).sample(s.num, s.seed)
     samples = sampling.generator_set(x)
   else:
-    trainer, state = restore_latest(config, workdir)
+    trainer, state = run_dir.restore_latest(config, workdir)
     samples = trainer.samples(state, s.num, s.seed, s.use_ema)
   path = os.path.join(workdir, s.output)
   if not distributed.is_writer():  # every process drew the samples (a collective); one writes
@@ -97,7 +77,7 @@ def evaluate(config, workdir):
   _, data_config = config_checks.architecture(config)
   require_metric(data_config, config.eval,
                  f"config.job='evaluate' for data.name={data_config.name!r}")
-  trainer, state = restore_latest(config, workdir)
+  trainer, state = run_dir.restore_latest(config, workdir)
   e = config.eval
   metrics, _, _ = measure(trainer, state, e, workdir)
   results = {"step": int(state.step), "num_samples": e.num_samples, **metrics}
@@ -124,7 +104,7 @@ def require_metric(data_config, eval_config, what: str) -> None:
 def write_scalars(workdir, step, metrics):
   """The metrics as TensorBoard scalars 'eval/<set>/<metric>' in the run's event files
   (process 0: the run's writer)."""
-  writer = loop.make_writer(workdir)
+  writer = run_dir.make_writer(workdir)
   if writer is None:
     return
   writer.write_scalars(step, {f"eval/{name}/{k}": v for name, values in metrics.items()

@@ -23,11 +23,10 @@ from absl import logging
 
 from fgm_jax import checkpoint
 from fgm_jax import compile_cache
-from fgm_jax import config_checks
 from fgm_jax import distributed
 from fgm_jax import parallel
-from fgm_jax import paths
 from fgm_jax import workdir_lock
+from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
 from fgm_jax.train import visualize
 
@@ -47,83 +46,6 @@ class TrainingStopped(Exception):
                      "the same command again to resume from it.")
 
 
-def _meta(config, step):
-  return {"step": int(step), "data_position": int(step), "job": config.job,
-          "fingerprint": config_checks.fingerprint(config), "config": config.to_dict()}
-
-
-def prepare_workdir(config, workdir):
-  """Checks that an existing checkpoint fits this config; writes config.json. Before compiling.
-
-  Compares with the newest checkpoint whose metadata reads (a damaged one is set aside when
-  the state is restored).
-  """
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
-  for step in reversed(checkpoint.steps(ckpt_dir)):
-    try:
-      saved = checkpoint.read_meta(ckpt_dir, step)
-    except checkpoint.CheckpointCorruptError:
-      continue
-    config_checks.compare_with_saved(config, saved, workdir)
-    break
-  checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
-  if distributed.is_writer():
-    checkpoint.write_json(str(checkpoint.as_path(workdir) / "config.json"),
-                          {"fingerprint": config_checks.fingerprint(config),
-                           "config": config.to_dict()})
-
-
-def make_writer(workdir, enabled=True):
-  """TensorBoard + log lines, on process 0 only (the others' metrics are the same)."""
-  if not enabled or not distributed.is_writer():
-    return None
-  if paths.is_remote(workdir):  # TensorFlow's own GCS writer is not the tested path layer
-    return paths.MirroredWriter(workdir)
-  from clu import metric_writers
-  return metric_writers.create_default_writer(workdir)
-
-
-def restore_or_init(trainer, mgr, step):
-  """The state of ``step`` (CheckpointCorruptError if it cannot be read), or a fresh one."""
-  if step is None:
-    return trainer.init_state(), 0
-  state, _ = checkpoint.restore(mgr, step, _target(trainer))
-  logging.info("Resumed from the checkpoint of step %d.", step)
-  return state, step
-
-
-def _target(trainer):
-  return checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.shardings)
-
-
-def restore_newest_readable(trainer, mgr):
-  """(state, step) of the newest checkpoint every process can read, or a fresh state.
-
-  A step that fails on any process is moved to ``checkpoints/corrupt-<step>`` (by process 0,
-  while the others wait) with one log line, and the next older one is tried.
-  """
-  ckpt_dir = str(mgr.directory)
-  target = _target(trainer)
-  for step in sorted(mgr.all_steps(), reverse=True):
-    try:
-      state, _ = checkpoint.read(ckpt_dir, step, target)
-      error = None
-    except checkpoint.CheckpointCorruptError as e:
-      state, error = None, e
-    if distributed.all_succeeded(error is None):
-      logging.info("Resumed from the checkpoint of step %d.", step)
-      return state, step
-    if distributed.is_writer():
-      moved = checkpoint.set_aside(ckpt_dir, step)
-      cause = f" ({error.cause})" if error is not None else " (on another process)"
-      logging.warning("Checkpoint step %d at %s cannot be read%s; moved it to %s and "
-                      "resuming from the previous checkpoint.", step,
-                      checkpoint.step_path(ckpt_dir, step), cause, moved)
-    distributed.barrier(f"set_aside_{step}")
-    mgr.reload()
-  return trainer.init_state(), 0
-
-
 def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
   """Runs (or resumes) ``config`` up to ``config.num_steps``; returns (trainer, final state).
 
@@ -138,7 +60,7 @@ def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
 def _train(config, workdir, mesh, write_metrics, progress):
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   config = trainers.prepare(config, workdir)
-  prepare_workdir(config, workdir)
+  run_dir.prepare_workdir(config, workdir)
   trainer = trainers.build(config, mesh)
   from fgm_jax.evaluation import evaluate  # evaluate imports this module
   fid_hook = evaluate.TrainingFID.for_run(trainer, config, workdir)  # None unless asked
@@ -148,9 +70,9 @@ def _train(config, workdir, mesh, write_metrics, progress):
                            async_save=ckpt.async_save)
   writer = None
   try:
-    state, start = restore_newest_readable(trainer, mgr)
+    state, start = run_dir.restore_newest_readable(trainer, mgr)
     total = config.num_steps
-    writer = make_writer(workdir, write_metrics)
+    writer = run_dir.make_writer(workdir, write_metrics)
     report = (_progress_action(total, writer, config.log.every)
               if progress and distributed.is_writer() else None)
     plot_every = config.log.plot_every if write_metrics else 0
@@ -170,7 +92,7 @@ def _train(config, workdir, mesh, write_metrics, progress):
           if log:
             _log_metrics(writer, done, values, progress)
         if save:
-          checkpoint.save(mgr, done, state, _meta(config, done), force=True)
+          checkpoint.save(mgr, done, state, run_dir.meta(config, done), force=True)
           last_saved = done
         if plot_every and (done % plot_every == 0 or done == total):
           visualize.write(trainer, state, done, workdir, writer)
