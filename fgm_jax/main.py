@@ -55,8 +55,8 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 # config.job -> "module:function(config, workdir)", imported on use (a toy run never loads
 # the evaluation or pipeline code it does not run).
 RUNS = {
-    "teacher": "fgm_jax.train.loop:train",
-    "distill": "fgm_jax.train.loop:train",
+    "teacher": "fgm_jax.train_job:run",
+    "distill": "fgm_jax.train_job:run",
     "pipeline": "fgm_jax.pipeline:run",
     "sample": "fgm_jax.evaluation.evaluate:sample",
     "evaluate": "fgm_jax.evaluation.evaluate:evaluate",

@@ -24,11 +24,11 @@ from fgm_jax import compile_cache
 from fgm_jax import config_checks
 from fgm_jax import parallel
 from fgm_jax import paths
+from fgm_jax import train_job
 from fgm_jax import workdir_lock
 from fgm_jax.evaluation import evaluate as evaluate_lib
 from fgm_jax.evaluation import plots
 from fgm_jax.evaluation import report as report_lib
-from fgm_jax.train import loop
 
 NUM_STAGES = 4
 
@@ -87,7 +87,7 @@ def _train_stage(progress, index, name, config, workdir, mesh, need_state=True):
   else:
     verb = f"resuming at step {done} of" if done else "training"
     progress.begin(index, name, f"{verb} {config.num_steps} steps in {workdir}")
-  trainer, state = loop.train(config, workdir, mesh=mesh)
+  trainer, state = train_job.run(config, workdir, mesh=mesh)
   progress.end(index, name, f"step {int(state.step)}")
   return trainer, state
 

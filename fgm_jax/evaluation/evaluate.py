@@ -111,38 +111,3 @@ def write_scalars(workdir, step, metrics):
                               for k, v in values.items()})
   writer.close()
 
-
-class TrainingFID:
-  """FID-N of what a run trains, every config.eval.fid.every steps (off when 0 or absent).
-
-      hook = TrainingFID.for_run(trainer, config, workdir)   # None when off
-      hook(step, state, writer)                             # in the loop, after the step
-
-  Same noise at every evaluation (config.eval.seed), so the curve shows the model, not the
-  draw; the scalar is 'fid<N/1000>k/<set>' (e.g. fid10k/fgm_1step).
-  """
-
-  def __init__(self, trainer, config, workdir):
-    self.trainer, self.config = trainer, config
-    self.every, self.num = config.eval.fid.every, config.eval.fid.every_num
-    self.evaluator = evaluators.build(trainer, config.eval, workdir)
-    self.prefix = f"fid{self.num // 1000}k" if self.num % 1000 == 0 else f"fid{self.num}"
-
-  @classmethod
-  def for_run(cls, trainer, config, workdir):
-    fid_config = config.get("eval", {}).get("fid")
-    if not fid_config or not fid_config.every:
-      return None
-    require_metric(trainer.data_config, config.eval, f"config.eval.fid.every={fid_config.every}")
-    return cls(trainer, config, workdir)
-
-  def __call__(self, step, state, writer):
-    if step % self.every:
-      return None
-    s = self.trainer.samples(state, self.num, self.config.eval.seed)
-    value = self.evaluator.metric(s.x, self.num)["fid"]
-    name = f"{self.prefix}/{s.key}"
-    if writer is not None:
-      writer.write_scalars(step, {name: value})
-    logging.info("step %d: %s = %.3f", step, name, value)
-    return value

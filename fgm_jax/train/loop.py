@@ -28,7 +28,6 @@ from fgm_jax import parallel
 from fgm_jax import workdir_lock
 from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
-from fgm_jax.train import visualize
 
 FINITE_KEY = "state_finite"  # the step's "every number of the new state is finite" flag
 
@@ -46,24 +45,28 @@ class TrainingStopped(Exception):
                      "the same command again to resume from it.")
 
 
-def train(config, workdir, *, mesh=None, write_metrics=True, progress=True):
+def train(config, workdir, *, mesh=None, write_metrics=True, progress=True, hooks=None):
   """Runs (or resumes) ``config`` up to ``config.num_steps``; returns (trainer, final state).
+
+  ``hooks(trainer, config, workdir)`` (e.g. evaluation/training_hooks.py:for_run) gives the
+  per-step hooks, each called as ``hook(step, state, writer)`` after the step and its save,
+  on every process (``writer`` is None off process 0 and without ``write_metrics``). The
+  caller passes them so that the loop imports no evaluation code.
 
   Raises TrainingStopped after a requested stop (SIGTERM, Ctrl-C) and TrainingDiverged when
   the run becomes non-finite; both leave only finite checkpoints behind. Holds the workdir's
   lock throughout (process 0): a second run on the same workdir stops at once.
   """
   with workdir_lock.held(workdir), compile_cache.for_run(config, workdir):
-    return _train(config, workdir, mesh, write_metrics, progress)
+    return _train(config, workdir, mesh, write_metrics, progress, hooks)
 
 
-def _train(config, workdir, mesh, write_metrics, progress):
+def _train(config, workdir, mesh, write_metrics, progress, make_hooks):
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   config = trainers.prepare(config, workdir)
   run_dir.prepare_workdir(config, workdir)
   trainer = trainers.build(config, mesh)
-  from fgm_jax.evaluation import evaluate  # evaluate imports this module
-  fid_hook = evaluate.TrainingFID.for_run(trainer, config, workdir)  # None unless asked
+  hooks = make_hooks(trainer, config, workdir) if make_hooks else ()
   ckpt = config.checkpoint
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   mgr = checkpoint.manager(ckpt_dir, every=ckpt.every, keep=ckpt.keep,
@@ -75,7 +78,6 @@ def _train(config, workdir, mesh, write_metrics, progress):
     writer = run_dir.make_writer(workdir, write_metrics)
     report = (_progress_action(total, writer, config.log.every)
               if progress and distributed.is_writer() else None)
-    plot_every = config.log.plot_every if write_metrics else 0
     last_saved = start or None
     with distributed.StopAgreement(start) as stop:
       for step in range(start, total):
@@ -94,10 +96,8 @@ def _train(config, workdir, mesh, write_metrics, progress):
         if save:
           checkpoint.save(mgr, done, state, run_dir.meta(config, done), force=True)
           last_saved = done
-        if plot_every and (done % plot_every == 0 or done == total):
-          visualize.write(trainer, state, done, workdir, writer)
-        if fid_hook is not None:
-          fid_hook(done, state, writer)
+        for hook in hooks:
+          hook(done, state, writer)
         if stopping:
           mgr.wait_until_finished()
           raise TrainingStopped(done, stop.reason, stop.exit_status,
