@@ -46,17 +46,17 @@ def get_config(variant=""):
   c.resolution = 512  # generated images are resolution x resolution (latents / 8)
   c.batch_size = 32
   c.num_steps = 20_000
-  # The teacher: the architecture is read from <sd3.folder>/transformer at run time
-  # (sd3/distill.py); these fields say how the three networks run.
+  # The teacher is the folder's MM-DiT (sd3/distill.FolderTeacher): its architecture is read
+  # from <sd3.folder>/transformer at run time; these fields say how the three networks run
+  # and how the teacher samples (job=compile's sampler).
   c.teacher = ml_collections.ConfigDict(dict(
       # scan_layers: one nn.scan over the identical joint blocks (compile time flat in
       # depth); False unrolls them (today's layout, for comparison).
       model=dict(name="mmdit", dtype="bfloat16", remat="dots", attention_impl="xla",
                  scan_layers=True),
-      data=dict(name="latents", shape=(64, 64, 16)),  # filled from resolution and the folder
-      workdir=None, use_ema=False, seed=0, batch_size=c.batch_size, num_steps=1,
-      optim=common.optim(lr=1e-4).to_dict(), flow=common.times(),
-      sample=dict(steps=28, method="euler", shift=3.0)))
+      sample=dict(steps=28, method="euler", shift=3.0),
+      # (height, width, channels) of one latent: from resolution and the folder's VAE.
+      latent_shape=ml_collections.config_dict.placeholder(tuple)))
   c.fgm = ml_collections.ConfigDict(dict(
       common.fgm(), time_sampler="logit_normal", shift=3.0, guidance=7.0,
       teacher_dtype="bfloat16"))
@@ -67,7 +67,7 @@ def get_config(variant=""):
   c.checkpoint.every = 500
   c.log = base.log
   c.log.every = 10
-  c.eval = ml_collections.ConfigDict(dict(fid=dict(every=0)))
+  c.eval = ml_collections.ConfigDict(dict(fid=dict(every=0)))  # GenEval instead (job=sample)
   # job=sample: one step, no CFG (the generator has it built in). geneval: the path of
   # GenEval's evaluation_metadata.jsonl to write its folder layout instead of config.prompts.
   c.sample = ml_collections.ConfigDict(dict(
@@ -80,7 +80,6 @@ def get_config(variant=""):
   if "runlocal" in words:
     c.resolution = 16
     c.batch_size = 8
-    c.teacher.batch_size = 8
     c.teacher.model.dtype = "float32"
     c.teacher.model.remat = "none"
     c.fgm.teacher_dtype = "float32"

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from configs import sd3_fgm  # noqa: E402
 from fgm_jax import parallel  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
+from fgm_jax.sd3 import distill  # noqa: E402
 from fgm_jax.train import trainers  # noqa: E402
 
 
@@ -39,9 +40,10 @@ def main():
     c = sd3_fgm.get_config()
     c.teacher.model.update(mmdit.SD3_MEDIUM)
     c.mesh.fsdp, c.batch_size = fsdp, 8
-    trainer = trainers.DistillTrainer(c, parallel.mesh_from_config(c.mesh))
+    c.teacher.latent_shape = (64, 64, 16)  # 512 px
+    trainer = distill.build_abstract(c, parallel.mesh_from_config(c.mesh))
     state = device_bytes(trainer.abstract_state, trainer.shardings)
-    teacher_abstract = jax.tree.map(lambda a: a, trainer.teacher_layout.abstract_state.params)
+    teacher_abstract = trainer.abstract_teacher
     teacher = device_bytes(teacher_abstract, trainer.param_shardings, c.fgm.teacher_dtype)
     adam = device_bytes(trainer.abstract_state.gen_opt_state,
                         trainers.parallel.tree_shardings(

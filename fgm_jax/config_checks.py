@@ -6,6 +6,7 @@ Runs before any model is built or compiled, so a bad value costs seconds, not a 
 import os
 
 import jax
+import ml_collections
 
 from fgm_jax import checkpoint
 from fgm_jax import data as data_lib
@@ -236,6 +237,11 @@ def _check_sd3_fgm(config, device_count=None):
                        ("teacher.model.dtype", config.teacher.model.dtype)):
     _require(value in ("float32", "bfloat16"),
              f"config.{field}={value!r}: choose 'float32' or 'bfloat16'.")
+  _require(config.log.plot_every == 0 and config.eval.fid.every == 0,
+           f"config.log.plot_every={config.log.plot_every}, config.eval.fid.every="
+           f"{config.eval.fid.every}: SD3 FGM runs draw no pictures or FID while training (their "
+           "images need the VAE and prompts); set both to 0, draw images with "
+           "--config.job=sample and score them with GenEval (BUILD.md).")
   _require(config.resolution % 16 == 0 and config.resolution > 0,
            f"config.resolution={config.resolution} must be a positive multiple of 16 (the "
            "VAE's 8x downscale times the MM-DiT's 2x2 patches), e.g. 512.")
@@ -285,7 +291,10 @@ def run_kind(config) -> str:
 
 
 def architecture(config):
-  """(model, data) configs that define the state's shapes, for either kind of run."""
+  """(model, data) configs that define the state's shapes, for every kind of run; an SD3
+  teacher has no data set, so its data part is the image size the latents come from."""
+  if is_sd3_distill(config):
+    return config.teacher.model, ml_collections.ConfigDict(dict(resolution=config.resolution))
   if is_distill(config):
     return config.teacher.model, config.teacher.data
   return config.model, config.data

@@ -159,13 +159,13 @@ def test_sd3_fgm_functions_lower_from_shapes_alone(tmp_path):
     assert contexts and all(a.shape[1:] == (text_len, c.teacher.model.joint_attention_dim)
                             for a in contexts), name
     if name != "train_step":  # latents of the sampling batch
-      assert jax.tree.leaves(traced.out_info)[0].shape == (16,) + tuple(c.teacher.data.shape)
+      assert jax.tree.leaves(traced.out_info)[0].shape == (16,) + tuple(c.teacher.latent_shape)
     traced.lower()
 
   medium = sd3_fgm.get_config()
   medium.aot.architecture = "sd3-medium"
   medium = distill.prepare_architecture(medium, str(tmp_path / "none"))
-  assert medium.teacher.model.num_layers == 24 and medium.teacher.data.shape == (64, 64, 16)
+  assert medium.teacher.model.num_layers == 24 and tuple(medium.teacher.latent_shape) == (64, 64, 16)
   assert not (tmp_path / "none").exists()
 
 

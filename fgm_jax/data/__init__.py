@@ -22,7 +22,6 @@ _REGISTRY = {
     "digits": "fgm_jax.data.digits:from_config",
     "mnist5k": "fgm_jax.data.mnist5k:from_config",
     "tfds": "fgm_jax.data.tfds_images:from_config",
-    "latents": "fgm_jax.data.latents:from_config",
 }
 _FIELD = "config.data.name"
 

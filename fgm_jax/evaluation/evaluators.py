@@ -26,7 +26,6 @@ _REGISTRY = {
     "digits": "fgm_jax.evaluation.digits_evaluator:DigitsEvaluator",
     "mnist5k": "fgm_jax.evaluation.mnist5k_evaluator:MNIST5kEvaluator",
     "tfds": "fgm_jax.evaluation.fid_evaluator:FIDEvaluator",
-    "latents": "fgm_jax.evaluation.evaluators:LatentsEvaluator",
 }
 
 
@@ -73,16 +72,6 @@ class Evaluator:
 
   def title(self):
     return self.trainer.data_config.name
-
-
-class LatentsEvaluator(Evaluator):
-  """Text-to-image runs in a latent space (SD3 FGM): scored by GenEval, outside job=evaluate."""
-
-  has_metric = False
-  missing_metric = ("SD3 FGM runs are scored with GenEval: write its images with "
-                    "--config.job=sample --config.sample.geneval=<evaluation_metadata.jsonl>, "
-                    "score them with GenEval's evaluate_images.py and summarise with "
-                    "python -m fgm_jax.evaluation.geneval summary results.jsonl (BUILD.md).")
 
 
 def evaluator_class(data_config):

@@ -247,6 +247,12 @@ def _shift(module):
   return 0.0 if module.shift_factor is None else module.shift_factor
 
 
+def downscale(block_out_channels) -> int:
+  """Image pixels per latent pixel: the encoder halves the size once per level after the
+  first (8 for SD3's four-level VAE)."""
+  return 2 ** (len(block_out_channels) - 1)
+
+
 def latents_from_images(module, params, x, rng=None):
   """Images (NHWC, [-1, 1]) -> diffusion-space latents ``(z - shift) * scale``.
 

@@ -68,10 +68,10 @@ def _architecture(transformer_cfg: dict) -> dict:
 
 
 def latent_downscale(folder: str) -> int:
-  """Image pixels per latent pixel: 2 per VAE level after the first (8 for SD3's VAE)."""
+  """Image pixels per latent pixel of the folder's VAE (8 for SD3's)."""
+  from fgm_jax.models import vae
   text.require_part(os.path.join(folder, "vae", "config.json"), "vae/")
-  levels = len(_read_json(os.path.join(folder, "vae", "config.json"))["block_out_channels"])
-  return 2 ** (levels - 1)
+  return vae.downscale(_read_json(os.path.join(folder, "vae", "config.json"))["block_out_channels"])
 
 
 def runlocal_cache(config, workdir) -> str:
@@ -89,7 +89,8 @@ def runlocal_cache(config, workdir) -> str:
 
 def prepare(config, workdir):
   """The config with the folder's architecture in ``teacher.model`` and the latent shape in
-  ``teacher.data``; a ':runlocal' config also gets its tiny folder and prompt cache built."""
+  ``teacher.latent_shape``; a ':runlocal' config also gets its tiny folder and prompt cache
+  built."""
   c = prepare_architecture(config, workdir)
   if not c.prompt_cache and c.sd3.tiny_random:
     c.prompt_cache = runlocal_cache(c, workdir)
@@ -116,8 +117,29 @@ def prepare_architecture(config, workdir):
     arch["num_layers"] = c.aot.num_layers
   with c.unlocked():
     c.teacher.model.update(arch)
-    c.teacher.data.shape = (c.resolution // down, c.resolution // down, arch["in_channels"])
+    c.teacher.latent_shape = (c.resolution // down, c.resolution // down, arch["in_channels"])
   return c
+
+
+class FolderTeacher:
+  """The teacher as a source (trainers.CheckpointTeacher says what one gives): the MM-DiT of
+  config.sd3.folder, guided with the cache's null embedding in the step. Latents have no
+  data set here: FGM is data-free, and pictures come from job=sample."""
+
+  def __init__(self, config):  # a prepared config: teacher.model and latent_shape are filled
+    self.folder = config.sd3.folder
+    self.model_config = config.teacher.model
+    self.shape = tuple(config.teacher.latent_shape)
+    self.sample = config.teacher.sample
+    self.data_config, self.data_seed = None, config.seed
+
+  def load(self, mesh):
+    from fgm_jax.convert import diffusers as dconv
+    from fgm_jax.models import mmdit
+    del mesh  # host arrays; the trainer places them
+    _, params = dconv.load_params(os.path.join(self.folder, "transformer"), "mmdit")
+    # The folder loads scanned; config.teacher.model.scan_layers=False wants it unrolled.
+    return mmdit.to_layout(params, mmdit.from_config(self.model_config))
 
 
 # --- the prompt cache as conditioning --------------------------------------------------------
@@ -166,17 +188,16 @@ def load_conditioning(config):
 
 def build_trainer(config, mesh):
   """The DistillTrainer of an SD3 FGM run: teacher from the folder, prompts from the cache."""
-  from fgm_jax.convert import diffusers as dconv
   from fgm_jax.data import arrays
-  from fgm_jax.models import mmdit
   rows, null = load_conditioning(config)
-  _, teacher_params = dconv.load_params(os.path.join(config.sd3.folder, "transformer"),
-                                        "mmdit")
-  # The folder loads scanned; config.teacher.model.scan_layers=False wants it unrolled.
-  teacher_params = mmdit.to_layout(teacher_params, mmdit.from_config(config.teacher.model))
-  return SD3DistillTrainer(config, mesh, teacher_params=teacher_params,
+  return SD3DistillTrainer(config, mesh, source=FolderTeacher(config),
                            cond_source=arrays.RowSource(rows, config.seed),
                            null_cond=null if config.fgm.guidance != 1.0 else None)
+
+
+def build_abstract(config, mesh):
+  """job=compile: shapes only (no weights, no prompt cache)."""
+  return SD3DistillTrainer(config, mesh, source=FolderTeacher(config))
 
 
 class SD3DistillTrainer(trainers.DistillTrainer):
@@ -214,7 +235,7 @@ class SD3DistillTrainer(trainers.DistillTrainer):
     """The teacher's multi-step CFG sampler (latents; the VAE decode is not compiled)."""
     from fgm_jax import flow
     from fgm_jax.sd3 import sampler
-    s = self.teacher_config.sample
+    s = self.teacher_sample
     ts = flow.diffusers_flow_match_grid(s.steps, s.shift)
     guidance = self.config.fgm.guidance
 
@@ -243,5 +264,5 @@ class SD3DistillTrainer(trainers.DistillTrainer):
 
 
 # config.trainer = 'sd3_fgm' (train/kinds.py): the teacher is the folder's MM-DiT.
-KIND = trainers.TrainerKind(build=build_trainer, build_abstract=SD3DistillTrainer,
+KIND = trainers.TrainerKind(build=build_trainer, build_abstract=build_abstract,
                             prepare=prepare, prepare_architecture=prepare_architecture)

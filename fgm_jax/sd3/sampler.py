@@ -24,9 +24,6 @@ from absl import logging
 from fgm_jax import flow
 from fgm_jax.sd3 import text
 
-VAE_DOWNSCALE_PER_LEVEL = 2
-
-
 @dataclasses.dataclass(frozen=True)
 class SD3:
   """The parts of an SD3 folder that sample: MM-DiT, VAE, text encoders, scheduler shift."""
@@ -40,7 +37,8 @@ class SD3:
 
   @property
   def latent_downscale(self) -> int:
-    return VAE_DOWNSCALE_PER_LEVEL ** (len(self.vae.block_out_channels) - 1)
+    from fgm_jax.models import vae
+    return vae.downscale(self.vae.block_out_channels)
 
 
 def load(folder: str, t5_length: int = text.DEFAULT_T5_LENGTH, dtype=jnp.float32,

@@ -4,8 +4,9 @@ A trainer owns its model, the sharded layout of its train state and its jitted f
 loop (loop.py), the evaluators and the pipeline use only this surface, never the kind:
 
     trainer.config, .mesh, .model, .shape        the run's config and what it trains
-    trainer.teacher_config                       the teacher run's config (sampler settings)
-    trainer.data_config, trainer.data            the teacher's data (built lazily)
+    trainer.teacher_sample                       the teacher's sampler settings (steps, ...)
+    trainer.data_config, trainer.data            the teacher's data (built lazily; None for
+                                                 a teacher without data, e.g. SD3's)
     trainer.shardings, .abstract_state           the state's layout, for init and restore
     trainer.init_state(); trainer.train_step(state, step) -> (state, metrics); trainer.close()
     trainer.teacher_params(state)                the teacher's sampling parameters
@@ -40,13 +41,14 @@ from fgm_jax.train import steps
 class Trainer:
   """What teacher and distill runs share: model, sharding context, samplers, teacher data."""
 
-  def __init__(self, config, mesh, *, model_config, teacher_config):
+  def __init__(self, config, mesh, *, model_config, shape, teacher_sample, data_config,
+               data_seed):
     self.config, self.mesh = config, mesh
-    self.teacher_config = teacher_config
-    self.data_config = teacher_config.data
+    self.teacher_sample = teacher_sample
+    self.data_config, self._data_seed = data_config, data_seed
     self.model = models.build(model_config)
     self.model_config = model_config
-    self.shape = data_lib.example_shape(self.data_config)
+    self.shape = tuple(shape)
     self.keys = keys_lib.run_keys(config.seed)
     self.sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model_config))
     self.batch_devices = parallel.batch_device_count(mesh)
@@ -64,7 +66,9 @@ class Trainer:
   @property
   def data(self):
     if self._data is None:  # built lazily: sampling/evaluating a checkpoint needs no data
-      self._data = data_lib.build(self.data_config, self.teacher_config.seed)
+      if self.data_config is None:
+        raise ValueError("this run's teacher has no data source (e.g. an SD3 folder).")
+      self._data = data_lib.build(self.data_config, self._data_seed)
     return self._data
 
   def _init_params_boxed(self, rng=None):
@@ -89,7 +93,7 @@ class Trainer:
                          self.batch_devices, what=f"sampling {name}")
 
   def _teacher_ode_sampler(self, num_steps):
-    s = self.teacher_config.sample
+    s = self.teacher_sample
     fn = functools.partial(_teacher_ode_fn, model=self.model, num_steps=num_steps,
                            method=s.method, shift=s.shift)
     return f"teacher_{s.method}_{num_steps}step", fn
@@ -97,7 +101,7 @@ class Trainer:
   def _teacher_ode(self, params, n, seed, num_steps):
     name, fn = self._teacher_ode_sampler(num_steps)
     x = self._draw(name, fn, params, n, seed)
-    return sampling.teacher_set(self.teacher_config.sample.method, num_steps, x)
+    return sampling.teacher_set(self.teacher_sample.method, num_steps, x)
 
   def teacher_samples(self, state, n, seed, num_steps):
     return self._teacher_ode(self.teacher_params(state), n, seed, num_steps)
@@ -127,7 +131,7 @@ class Trainer:
 
   def _sampler_targets(self, params, sample_batch):
     """The teacher's ODE sampler with the steps the run samples with (config.sample)."""
-    name, fn = self._teacher_ode_sampler(self.teacher_config.sample.steps)
+    name, fn = self._teacher_ode_sampler(self.teacher_sample.steps)
     return {name: (self._sampler(name, fn).jitted, (params, self._abstract_noise(sample_batch)))}
 
   def compile_targets(self, sample_batch):
@@ -147,7 +151,9 @@ class TeacherTrainer(Trainer):
   """Flow matching of ``config.model`` on ``config.data``."""
 
   def __init__(self, config, mesh):
-    super().__init__(config, mesh, model_config=config.model, teacher_config=config)
+    super().__init__(config, mesh, model_config=config.model,
+                     shape=data_lib.example_shape(config.data), teacher_sample=config.sample,
+                     data_config=config.data, data_seed=config.seed)
     self.tx = optim.make_optimizer(config.optim, models.frozen_params(config.model))
     self.boxed_state = self.sharding.eval_shape(self._init_boxed)
     self.shardings = self.sharding.shardings(self.boxed_state)
@@ -199,8 +205,32 @@ class TeacherTrainer(Trainer):
                              self.config.sample.steps)
 
 
+class CheckpointTeacher:
+  """A teacher that is a finished teacher run (config.teacher.workdir; also what
+  fgm_jax.convert.rectified_flow writes): its checkpoint's EMA or raw parameters.
+
+  What a teacher source gives a DistillTrainer: ``model_config`` (the architecture of all
+  three networks), ``shape`` (one example), ``sample`` (the teacher's sampler settings),
+  ``data_config``/``data_seed`` (its data, for evaluation; None when it has none) and
+  ``load(mesh)`` -> its parameters in the model's layout. ``sd3/distill.py``'s FolderTeacher is
+  the other one.
+  """
+
+  def __init__(self, config):
+    self.run_config = _teacher_run_config(config)
+    self.model_config = config.teacher.model
+    self.shape = data_lib.example_shape(config.teacher.data)
+    self.sample = self.run_config.sample
+    self.data_config, self.data_seed = config.teacher.data, config.teacher.seed
+
+  def load(self, mesh):
+    layout = TeacherTrainer(self.run_config, mesh)  # the checkpoint's layout: a teacher run's
+    return restore_teacher_params(layout, self.run_config)
+
+
 class DistillTrainer(Trainer):
-  """FGM: one-step generator from the frozen teacher named by ``config.teacher``.
+  """FGM: one-step generator from a frozen teacher ``source`` (default: the teacher run
+  named by ``config.teacher``, CheckpointTeacher).
 
   ``cond_source`` (optional): a step-keyed source of conditioning rows (e.g. prompt
   embeddings, ``data.arrays.RowSource``); each iteration then draws one global batch of them
@@ -209,16 +239,18 @@ class DistillTrainer(Trainer):
   is guided with ``config.fgm.guidance``.
   """
 
-  def __init__(self, config, mesh, teacher_params=None, cond_source=None, null_cond=None):
-    teacher_config = _teacher_run_config(config)
-    super().__init__(config, mesh, model_config=config.teacher.model,
-                     teacher_config=teacher_config)
-    frozen = models.frozen_params(config.teacher.model)
+  def __init__(self, config, mesh, teacher_params=None, cond_source=None, null_cond=None,
+               source=None):
+    self.source = source or CheckpointTeacher(config)
+    s = self.source
+    super().__init__(config, mesh, model_config=s.model_config, shape=s.shape,
+                     teacher_sample=s.sample, data_config=s.data_config, data_seed=s.data_seed)
+    frozen = models.frozen_params(s.model_config)
     self.gen_tx = optim.make_optimizer(config.optim, frozen)
     self.online_tx = optim.make_optimizer(config.online_optim, frozen)
     self.teacher_dtype = config.fgm.teacher_dtype
-    self.teacher_layout = TeacherTrainer(teacher_config, mesh)  # where its checkpoint goes
-    boxed_teacher = self.teacher_layout.boxed_state.params
+    boxed_teacher = self.sharding.eval_shape(self._init_params_boxed)  # the model's layout
+    self.abstract_teacher = parallel.unbox(boxed_teacher)
     boxed = self.sharding.eval_shape(self._state_from_teacher, boxed_teacher)
     self.shardings = self.sharding.shardings(boxed)
     self.param_shardings = self.sharding.shardings(boxed_teacher)
@@ -264,8 +296,7 @@ class DistillTrainer(Trainer):
   def frozen_teacher(self):
     """Restored once, kept out of the train state, passed to the step undonated."""
     if self._frozen_teacher is None:
-      self._frozen_teacher = self._place_teacher(
-          restore_teacher_params(self.teacher_layout, self.config.teacher))
+      self._frozen_teacher = self._place_teacher(self.source.load(self.mesh))
     return self._frozen_teacher
 
   def teacher_params(self, state=None):
@@ -302,7 +333,7 @@ class DistillTrainer(Trainer):
 
   def _abstract_teacher(self):
     """The frozen teacher as the step receives it: config.fgm.teacher_dtype, laid out."""
-    return self._abstract_tree(self.teacher_layout.abstract_state.params, self.param_shardings,
+    return self._abstract_tree(self.abstract_teacher, self.param_shardings,
                                jax.numpy.dtype(self.teacher_dtype))
 
   def _abstract_cond(self, batch):
