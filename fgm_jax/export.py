@@ -48,9 +48,6 @@ def export(config, workdir):
   from fgm_jax import params_tree
   from fgm_jax.train import run_dir
 
-  if config_checks.is_sd3_distill(config):
-    from fgm_jax.sd3 import one_step
-    return one_step.export(config, workdir)
   model_config = config.teacher.model
   if models.example_cond(model_config, 1) is not None:
     raise config_checks.ConfigError(

@@ -24,14 +24,8 @@ def sample(config, workdir):
   """samples.npz (key 'x'): teacher with config.sample.steps, or the generator in one step.
 
   ``workdir`` is a run, or a folder written by job=export (then only config.sample is read).
-  An SD3 folder config (configs/sd3_teacher.py) samples text-to-image instead.
+  Kinds that sample their own way (text-to-image) name their function in train/kinds.py.
   """
-  if config_checks.is_sd3_distill(config):
-    from fgm_jax.sd3 import one_step
-    return one_step.sample(config, workdir)
-  if "sd3" in config:
-    from fgm_jax.sd3 import sampler
-    return sampler.run(config, workdir)
   s = config.sample
   start = time.time()
   if export.is_artifact(workdir):
