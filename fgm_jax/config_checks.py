@@ -64,7 +64,7 @@ def _check_mesh_shape(mesh, device_count=None):
 def _check_mesh(mesh, model, device_count=None):
   """Axis sizes that fit the devices, and rules that name only mesh axes."""
   _check_mesh_shape(mesh, device_count)
-  for rule in parallel.rules_for(mesh, model):
+  for rule in models.sharding_rules(mesh, model):
     axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     _require(len(rule) == 2 and set(a for a in axes if a) <= set(parallel.MESH_AXES),
              f"config.mesh.rules entry {rule!r} must be (logical name, mesh axis or axes) "

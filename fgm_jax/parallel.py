@@ -15,7 +15,7 @@ always get that parameter's sharding.
 Everything that is traced for a run (init, train steps, samplers) goes through one
 ``ShardingContext``: it traces inside ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)``
 so that the models' ``nn.with_logical_constraint`` calls take effect, and its rules default to
-the model's own (``models.logical_rules``), so a config that names none still shards MM-DiT.
+the model's own (``models.sharding_rules``), so a config that names none still shards MM-DiT.
 """
 
 import contextlib
@@ -77,13 +77,6 @@ def tensor_parallel_rules(rules):
 
 def mesh_from_config(mesh_config, devices=None) -> Mesh:
   return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
-
-
-def rules_for(mesh_config, model_config):
-  """The logical-axis rules of a run: config.mesh.rules when given, else the model's own."""
-  from fgm_jax import models  # lazily: the model modules import parallel for their rules
-  rules = mesh_config.rules or models.logical_rules(model_config, mesh_config.tensor > 1)
-  return tuple(tuple(r) for r in rules)
 
 
 class ShardingContext:

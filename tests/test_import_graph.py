@@ -146,12 +146,12 @@ def describe_cycles(graph: dict[str, set[str]]) -> list[str]:
 JOBS = ("fgm_jax.train_job", "fgm_jax.pipeline", "fgm_jax.main", "fgm_jax.aot")
 FLOORS = {
     ("fgm_jax.flow", "fgm_jax.fgm", "fgm_jax.models", "fgm_jax.params_tree",
-     "fgm_jax.registry"):
+     "fgm_jax.registry", "fgm_jax.parallel"):
         ("fgm_jax.train", "fgm_jax.evaluation", "fgm_jax.sd3", "fgm_jax.export",
          "fgm_jax.checkpoint", "fgm_jax.convert", "fgm_jax.data", "fgm_jax.config_checks")
         + JOBS,
     ("fgm_jax.train",): ("fgm_jax.evaluation", "fgm_jax.sd3", "fgm_jax.export") + JOBS,
-    ("fgm_jax.evaluation", "fgm_jax.export"): ("fgm_jax.convert",) + JOBS,
+    ("fgm_jax.evaluation", "fgm_jax.export"): ("fgm_jax.convert", "fgm_jax.sd3") + JOBS,
 }
 
 

@@ -40,6 +40,12 @@ def logical_rules(model_config, tensor_parallel: bool = False):
   return getattr(module, "LOGICAL_RULES", ())
 
 
+def sharding_rules(mesh_config, model_config):
+  """The logical-axis rules of a run: config.mesh.rules when given, else the model's own."""
+  rules = mesh_config.rules or logical_rules(model_config, mesh_config.tensor > 1)
+  return tuple(tuple(r) for r in rules)
+
+
 def example_cond(model_config, batch: int):
   """Dummy conditioning of batch ``batch`` for init, or None for unconditional models."""
   module = registry.module(_REGISTRY, model_config.name, _FIELD)

@@ -142,13 +142,14 @@ def _generate(fn, params, cond, null, seed, noise_ids, shape):
 def _setup(config, mesh, mmdit_params=None):
   """(sd3, mesh, placed (MM-DiT, VAE) params, jitted sampler, latent shape) for
   config.sample; ``mmdit_params`` replaces the folder's MM-DiT (a distilled generator)."""
+  from fgm_jax import models
   from fgm_jax import parallel
   from fgm_jax.models import mmdit
   s = config.sample
   sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
   mesh = mesh or parallel.mesh_from_config(config.mesh)
   model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
-  sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model))
+  sharding = parallel.ShardingContext(mesh, models.sharding_rules(config.mesh, model))
   down = sd3.latent_downscale
   shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
   param_shardings = sd3_shardings(sd3, sharding)

@@ -50,7 +50,7 @@ class Trainer:
     self.model_config = model_config
     self.shape = tuple(shape)
     self.keys = keys_lib.run_keys(config.seed)
-    self.sharding = parallel.ShardingContext(mesh, parallel.rules_for(config.mesh, model_config))
+    self.sharding = parallel.ShardingContext(mesh, models.sharding_rules(config.mesh, model_config))
     self.batch_devices = parallel.batch_device_count(mesh)
     self.traces = collections.Counter()
     self._samplers = {}
