@@ -35,6 +35,7 @@ from jax.extend import core as jax_core
 
 from fgm_jax import config_checks
 from fgm_jax import parallel
+from fgm_jax import paths
 
 GIB = 2 ** 30
 
@@ -401,14 +402,12 @@ def _libtpu_version():
 def _write(workdir, config, header, rows, devices):
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   path = os.path.join(workdir, config.aot.output)
   out = dict(header=header, topology=config.aot.topology, device_kind=devices[0].device_kind,
              num_devices=len(devices), device_bytes=device_memory(devices[0]),
              jax=jax.__version__, libtpu=_libtpu_version().split(" ")[-1] or None,
              config=json.loads(config.to_json_best_effort()), functions=rows,
              note="time figures are the compiler's estimates, not measurements")
-  with open(path + ".tmp", "w") as f:
-    json.dump(out, f, indent=1, default=str)
-  os.replace(path + ".tmp", path)
+  paths.write_text(path, json.dumps(out, indent=1, default=str))  # whole; a disk or gs://
   logging.info("wrote %s", path)

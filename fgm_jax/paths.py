@@ -83,13 +83,15 @@ def read_json(p):
   return json.loads(read_text(p))
 
 
-def write_bytes(p, data: bytes):
-  """Writes ``data`` whole: a reader never sees a half-written file under this name."""
+def write_bytes(p, data: bytes, tmp_tag=None):
+  """Writes ``data`` whole: a reader never sees a half-written file under this name.
+  ``tmp_tag`` names the local temporary file instead of the pid (processes on several hosts
+  writing one shared folder can have the same pid)."""
   target = path(p)
   if is_remote(target):
     target.write_bytes(data)
     return
-  tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+  tmp = target.parent / f".{target.name}.{os.getpid() if tmp_tag is None else tmp_tag}.tmp"
   tmp.write_bytes(data)
   tmp.replace(target)
 
@@ -133,11 +135,31 @@ def save_npz(p, **arrays):
   write_bytes(p, buf.getvalue())
 
 
-def load_npz(p) -> dict:
-  """Every array of an .npz file, read into memory (no pickles)."""
+def load_npz(p, keys=None) -> dict:
+  """Every array of an .npz file (or only ``keys``), read into memory (no pickles). With
+  ``keys`` only their parts of the file are read (ranged reads in a bucket)."""
   import numpy as np
-  with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as f:
-    return {k: f[k] for k in f.files}
+  if keys is None:
+    with np.load(io.BytesIO(read_bytes(p)), allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  with path(p).open("rb") as raw, np.load(raw, allow_pickle=False) as f:
+    return {k: f[k] for k in keys}
+
+
+def rmtree(p):
+  """Removes a folder and everything in it; nothing happens if it is not there."""
+  if exists(p):
+    path(p).rmtree()
+
+
+def upload(local_file: str, p):
+  """Copies a local file to ``p`` (local or in a bucket) without reading it into memory: in
+  a bucket an object appears only when its upload completes; locally a copy."""
+  if not is_remote(p):
+    shutil.copyfile(local_file, absolute(p))
+    return
+  fs, remote = fsspec.core.url_to_fs(str(p))
+  fs.put_file(local_file, remote)
 
 
 class MirroredWriter:

@@ -9,9 +9,16 @@ TensorStore token, no GCE metadata probes. Nothing here leaves 127.0.0.1.
 
 Through the real command line: the toy pipeline with --workdir=gs://..., SIGKILLed in its
 teacher stage and run again (it resumes from the bucket), then job=sample and job=export;
-then load_generator("gs://...") in this process. Everything is read back from the bucket.
+then load_generator("gs://...") in this process. The SD3 jobs, on :runlocal's tiny random
+folder (built locally: an SD3 input folder is read with local file calls): a prompt cache
+written to the bucket, distillation from it into a gs:// workdir, job=sample, job=export and
+job=compile there; GenEval's folder layout written into the bucket and resumed. Everything
+is read back from the bucket.
 """
 
+import concurrent.futures
+import io
+import json
 import os
 import re
 import signal
@@ -242,3 +249,147 @@ def test_bucket_lock_is_exclusive_and_names_its_holder(bucket):
   with pytest.raises(workdir_lock.WorkdirLockedError, match="pid 1 on host another-vm"):
     workdir_lock.acquire(workdir)
   assert paths.read_json(lock)["host"] == "another-vm"  # left as it was
+
+
+# --- the SD3 jobs (:runlocal's tiny random folder) --------------------------------------------
+
+PROMPTS, SD3, AOT = (f"gs://{BUCKET}/{name}" for name in ("prompts", "sd3", "aot"))
+SD3_STEPS = 3  # configs/sd3_fgm.py:runlocal
+
+
+def _sd3_cmd(config, workdir, *extra):
+  return [sys.executable, "-m", "fgm_jax.main", f"--config=configs/{config}:runlocal",
+          f"--workdir={workdir}", *extra]
+
+
+def _sd3_chain():
+  """The SD3 chain through the command line, every workdir in the bucket: a prompt cache,
+  distillation from it (the SD3 folder stays local: the one the cache job built), one-step
+  images (prompts from the cache in the bucket), the diffusers export, job=compile. Returns
+  each job's output and seconds."""
+  from fgm_jax.sd3 import tiny
+  folder = tiny.folder_for(PROMPTS)  # where the cache job builds its tiny folder
+  teacher = [f"--config.sd3.folder={folder}", f"--config.prompt_cache={PROMPTS}"]
+  jobs = {
+      "prompts": _sd3_cmd("sd3_prompts.py", PROMPTS),
+      "distill": _sd3_cmd("sd3_fgm.py", SD3, *teacher),
+      "sample": _sd3_cmd("sd3_fgm.py", SD3, *teacher, "--config.job=sample",
+                         f"--config.prompts={PROMPTS}"),
+      "export": _sd3_cmd("sd3_fgm.py", SD3, *teacher, "--config.job=export"),
+      "compile": _sd3_cmd("sd3_fgm.py", AOT, f"--config.sd3.folder={folder}",
+                          "--config.job=compile", "--config.aot.functions=('generator',)")}
+  out, seconds = {"folder": folder}, {}
+  for name, cmd in jobs.items():
+    start = time.time()
+    out[name] = _run(cmd)
+    seconds[name] = round(time.time() - start, 1)
+  return dict(out, seconds=seconds)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sd3_in_the_background(request, bucket):
+  """Starts the SD3 chain in a thread at the module's first test (when an SD3 test is
+  selected), so that it runs beside the toy pipeline: both are mostly XLA compiles of one
+  thread each, which on 2 cores overlap instead of queueing."""
+  if not any("sd3_runs" in item.fixturenames for item in request.session.items):
+    yield None
+    return
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    yield pool.submit(_sd3_chain)
+
+
+@pytest.fixture(scope="module")
+def sd3_runs(_sd3_in_the_background):
+  return _sd3_in_the_background.result()
+
+
+def test_sd3_prompt_cache_in_the_bucket(sd3_runs):
+  from fgm_jax.sd3 import prompt_cache
+  from fgm_jax.sd3 import tiny
+  manifest = paths.read_json(f"{PROMPTS}/cache.json")
+  assert manifest["complete"] and manifest["num_shards"] == 2  # 4 prompts, 2 per shard
+  assert manifest["settings"]["num_prompts"] == len(tiny.PROMPTS)
+  assert manifest["settings"]["folder"] == sd3_runs["folder"]  # a local input folder
+  assert paths.listdir(PROMPTS) == ["cache.json", "prompts.txt", "shard-00000.npz",
+                                    "shard-00001.npz", "uncond.npz"]
+  rows, uncond = prompt_cache.load(PROMPTS)
+  assert rows["context"].shape == (4, tiny.CLIP_LENGTH + 32, tiny.T5["d_model"])
+  assert uncond["pooled"].shape == (1, tiny.CLIP_L["projection_dim"]
+                                    + tiny.CLIP_G["projection_dim"])
+  assert np.all(np.isfinite(rows["pooled"]))
+  assert prompt_cache.texts(PROMPTS) == list(tiny.PROMPTS)  # ranged reads of one array
+
+
+def test_sd3_distill_sample_and_export_in_the_bucket(sd3_runs):
+  from fgm_jax.sd3 import one_step
+  from fgm_jax.sd3 import tiny
+  assert checkpoint.steps(checkpoint.checkpoint_dir(SD3))[-1] == SD3_STEPS
+  assert not paths.exists(f"{SD3}/prompt_cache")  # distilled from the given cache
+  names = [f"{k:05d}_seed0.png" for k in range(len(tiny.PROMPTS))]
+  assert paths.listdir(f"{SD3}/images") == names
+  from PIL import Image
+  for name in names:
+    image = np.asarray(Image.open(io.BytesIO(paths.read_bytes(f"{SD3}/images/{name}"))))
+    assert image.shape == (16, 16, 3)  # configs/sd3_fgm.py:runlocal's resolution
+  assert paths.read_bytes(f"{SD3}/grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
+  out = f"{SD3}/diffusers"
+  assert f"wrote {out}" in sd3_runs["export"]
+  assert paths.listdir(out) == sorted([*tiny.MODEL_INDEX.keys() - {"_class_name"},
+                                       "model_index.json", one_step.EXPORT_NOTE])
+  assert paths.read_json(f"{out}/model_index.json") == tiny.MODEL_INDEX
+  note = paths.read_json(f"{out}/{one_step.EXPORT_NOTE}")
+  assert note["step"] == SD3_STEPS and note["teacher_folder"] == sd3_runs["folder"]
+  # The teacher's other parts, copied byte for byte from the local folder.
+  for part in ("text_encoder_3/model.safetensors", "tokenizer/vocab.json",
+               "scheduler/scheduler_config.json"):
+    with open(os.path.join(sd3_runs["folder"], part), "rb") as f:
+      assert paths.read_bytes(f"{out}/{part}") == f.read(), part
+  # The generator: the teacher's tensors (names, shapes), other values (it trained).
+  from safetensors.numpy import load as load_safetensors
+  gen = load_safetensors(paths.read_bytes(f"{out}/transformer/"
+                                          "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(sd3_runs["folder"], "transformer",
+                         "diffusion_pytorch_model.safetensors"), "rb") as f:
+    teacher = load_safetensors(f.read())
+  assert {k: v.shape for k, v in gen.items()} == {k: v.shape for k, v in teacher.items()}
+  assert any(not np.array_equal(gen[k], teacher[k]) for k in gen)
+
+
+def test_sd3_compile_report_in_the_bucket(sd3_runs):
+  report = paths.read_json(f"{AOT}/aot.json")
+  assert [f["name"] for f in report["functions"]] == ["generator"]
+  assert report["num_devices"] == 1 and report["functions"][0]["total_bytes"] > 0
+
+
+def test_geneval_layout_in_the_bucket_resumes(bucket):
+  """GenEval's folder layout written into the bucket (metadata file there too), a lost image
+  redrawn, finished prompts skipped."""
+  from fgm_jax.evaluation import geneval
+  meta = f"gs://{BUCKET}/geneval/evaluation_metadata.jsonl"
+  lines = [json.dumps({"tag": "single_object", "include": [{"class": c, "count": 1}],
+                       "prompt": f"a photo of a {c}"}) for c in ("cat", "dog", "car")]
+  paths.write_text(meta, "\n".join(lines) + "\n")
+  prompts = geneval.read_metadata(meta)
+  out = f"gs://{BUCKET}/geneval/images"
+  calls = []
+
+  def sample_fn(texts, noise_ids):
+    calls.append(list(noise_ids))
+    return np.stack([np.full((8, 8, 3), i % 256, np.uint8) for i in noise_ids])
+
+  kwargs = dict(images_per_prompt=2, batch_size=4, seed=0, grid=True)
+  first = geneval.write_images(prompts, out, sample_fn, **kwargs)
+  assert first["images"] == 6 and first["skipped"] == 0
+  assert paths.listdir(out) == ["00000", "00001", "00002", geneval.RUN_FILE]
+  for k, line in enumerate(lines):
+    folder = f"{out}/{k:05d}"
+    assert paths.listdir(folder) == ["grid.png", "metadata.jsonl", "samples"]
+    assert paths.read_text(f"{folder}/metadata.jsonl") == line + "\n"
+    assert paths.listdir(f"{folder}/samples") == ["0000.png", "0001.png"]
+  paths.remove(f"{out}/00001/samples/0001.png")  # what a killed run could have lost
+  paths.remove(f"{out}/00001/metadata.jsonl")
+  calls.clear()
+  again = geneval.write_images(prompts, out, sample_fn, **kwargs)
+  assert again["skipped"] == 2 and again["images"] == 1 and calls == [[3] * 4]
+  assert geneval.check_folder(prompts, out, 2)["incomplete"] == []
+  assert geneval._read_png(f"{out}/00001/samples/0001.png")[0, 0, 0] == 3

@@ -98,13 +98,15 @@ def test_interrupted_run_resumes_to_the_same_files(setup):
   for k in (1, 2):
     os.remove(os.path.join(stopped, prompt_cache.shard_name(k)))
   os.remove(os.path.join(stopped, prompt_cache.UNCOND))
-  with open(os.path.join(stopped, prompt_cache.shard_name(1) + ".tmp.npz"), "wb") as f:
+  half = os.path.join(stopped, f".{prompt_cache.shard_name(1)}.999.tmp")  # paths.write_bytes' name
+  with open(half, "wb") as f:
     f.write(b"PK\x03\x04 half a zip")
   first = os.path.join(stopped, prompt_cache.shard_name(0))
   mtime = os.stat(first).st_mtime_ns
   main_lib.run(config, stopped)
   _assert_same_files(_files(full), _files(stopped))
   assert os.stat(first).st_mtime_ns == mtime  # finished shards are not redone
+  assert not os.path.exists(half)  # the killed writer's half shard is removed
   assert prompt_cache.read_manifest(stopped)["complete"]
 
 
@@ -169,7 +171,7 @@ def test_bad_inputs_stop_with_one_clear_error(setup, tmp_path):
 def _finished_shards(cache_dir):
   if not os.path.isdir(cache_dir):
     return 0
-  return sum(n.startswith("shard-") and not n.endswith(".tmp.npz") for n in os.listdir(cache_dir))
+  return sum(n.startswith("shard-") for n in os.listdir(cache_dir))  # temporaries: ".shard-"
 
 
 def _cli(config, workdir):

@@ -39,6 +39,7 @@ the categories present and flagged (``missing``), since it is not comparable to 
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -47,6 +48,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from absl import logging
+
+from fgm_jax import paths
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 DEFAULT_METADATA = "../shared/data/geneval/evaluation_metadata.jsonl"
@@ -103,15 +106,16 @@ def _line_problem(record) -> Optional[str]:
 def _jsonl(path: str, hint: str):
   """(line number, line, parsed JSON) of each non-blank line; a line that is not JSON stops
   with its number and ``hint``."""
-  with open(path, encoding="utf-8") as f:
-    for number, raw in enumerate(f, start=1):
-      line = raw.rstrip("\r\n")
-      if not line.strip():
-        continue
-      try:
-        yield number, line, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise GenEvalError(f"{path} line {number} is not JSON ({e.msg}); {hint}") from None
+  # newline=None: the lines open() would give (universal newlines), from a disk or a bucket.
+  text = io.StringIO(paths.read_bytes(path).decode("utf-8"), newline=None)
+  for number, raw in enumerate(text, start=1):
+    line = raw.rstrip("\r\n")
+    if not line.strip():
+      continue
+    try:
+      yield number, line, json.loads(line)
+    except json.JSONDecodeError as e:
+      raise GenEvalError(f"{path} line {number} is not JSON ({e.msg}); {hint}") from None
 
 
 def read_metadata(path: str = DEFAULT_METADATA, *, limit: Optional[int] = None,
@@ -120,7 +124,7 @@ def read_metadata(path: str = DEFAULT_METADATA, *, limit: Optional[int] = None,
 
   Blank lines are skipped; a prompt keeps its index in the whole file whatever the selection.
   """
-  if not path or not os.path.isfile(path):
+  if not path or not paths.is_file(path):
     raise GenEvalFileError(
         f"GenEval metadata file {path!r} not found; it ships as {DEFAULT_METADATA} (relative to "
         "the repository root) and as prompts/evaluation_metadata.jsonl in djghosh13/geneval.")
@@ -160,27 +164,32 @@ def noise_id(prompt: Prompt, k: int, images_per_prompt: int) -> int:
   return prompt.index * images_per_prompt + k
 
 
+def _names(folder: str) -> set:
+  """The names in ``folder``; none if it is not there (a bucket has no empty folders)."""
+  try:
+    return set(paths.listdir(folder))
+  except FileNotFoundError:
+    return set()
+
+
 def missing_images(prompt: Prompt, out_dir: str, images_per_prompt: int) -> List[int]:
   """The k whose samples/<k>.png is not written yet (PNGs a killed run finished are kept)."""
-  samples = os.path.join(out_dir, prompt.folder, "samples")
-  return [k for k in range(images_per_prompt)
-          if not os.path.isfile(os.path.join(samples, sample_name(k)))]
+  # One listing, not a request per image (each is a round trip in a bucket).
+  there = _names(os.path.join(out_dir, prompt.folder, "samples"))
+  return [k for k in range(images_per_prompt) if sample_name(k) not in there]
 
 
 def is_complete(prompt: Prompt, out_dir: str, images_per_prompt: int) -> bool:
   """metadata.jsonl (written last) and every PNG present."""
-  return (os.path.isfile(os.path.join(out_dir, prompt.folder, METADATA_FILE))
+  return (paths.is_file(os.path.join(out_dir, prompt.folder, METADATA_FILE))
           and not missing_images(prompt, out_dir, images_per_prompt))
 
 
 def _write_atomic(path: str, data: bytes):
-  """Writes under a temporary name beginning with '.', then renames: a killed writer leaves
-  no file under the final name that is not whole."""
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f".{name}.{os.getpid()}{_TMP}")
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  """A killed writer leaves no file under the final name that is not whole: on a disk it
+  writes under a temporary name beginning with '.' (.<name>.<pid>.tmp) and renames; a bucket
+  object appears only once uploaded (paths.write_bytes)."""
+  paths.write_bytes(path, data)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -193,7 +202,7 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 def _read_png(path: str) -> np.ndarray:
   from PIL import Image
-  with Image.open(path) as img:
+  with Image.open(io.BytesIO(paths.read_bytes(path))) as img:
     return np.asarray(img.convert("RGB"))
 
 
@@ -226,9 +235,8 @@ def image_row(images: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
 def _check_run_file(out_dir: str, wanted: dict, process_index: int):
   """Refuses an output folder started with other settings; writes the run file otherwise."""
   path = os.path.join(out_dir, RUN_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      saved = json.load(f)
+  if paths.is_file(path):
+    saved = paths.read_json(path)
     diff = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
                      for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
     if diff:
@@ -236,19 +244,15 @@ def _check_run_file(out_dir: str, wanted: dict, process_index: int):
                          "use a new output folder.")
     return
   # Every process writes the same bytes under its own temporary name: no race matters.
-  folder, name = os.path.split(path)
-  tmp = os.path.join(folder, f".{name}.p{process_index}{_TMP}")
-  with open(tmp, "w") as f:
-    json.dump(wanted, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_bytes(path, json.dumps(wanted, indent=2, sort_keys=True).encode("utf-8"),
+                    tmp_tag=f"p{process_index}")
 
 
 def _check_prompt_folder(prompt: Prompt, out_dir: str):
   """Refuses a folder whose metadata.jsonl holds another prompt (another metadata file)."""
   meta = os.path.join(out_dir, prompt.folder, METADATA_FILE)
-  if os.path.isfile(meta):
-    with open(meta, encoding="utf-8") as f:
-      there = f.read().rstrip("\r\n")
+  if paths.is_file(meta):
+    there = paths.read_bytes(meta).decode("utf-8").rstrip("\r\n")
     if there != prompt.line:
       raise GenEvalError(f"{meta} holds another prompt ({there[:80]!r}) than line "
                          f"{prompt.index + 1} of the metadata file ({prompt.line[:80]!r}); use "
@@ -259,11 +263,11 @@ def _prepare_prompt(prompt: Prompt, out_dir: str):
   """Creates the prompt's folders and drops temporary files a killed run left there."""
   folder = os.path.join(out_dir, prompt.folder)
   samples = os.path.join(folder, "samples")
-  os.makedirs(samples, exist_ok=True)
+  paths.makedirs(samples)
   for d in (folder, samples):
-    for name in os.listdir(d):
+    for name in _names(d):
       if name.startswith(".") and name.endswith(_TMP):
-        os.remove(os.path.join(d, name))
+        paths.remove(os.path.join(d, name))
 
 
 def _finish_prompt(prompt: Prompt, out_dir: str, images_per_prompt: int, grid: bool):
@@ -310,7 +314,7 @@ def write_images(metadata: Sequence[Prompt], out_dir: str,
   if not 0 <= process_index < process_count:
     raise GenEvalError(f"process_index={process_index} must lie in [0, {process_count}).")
   start = time.time()
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   run = {"format": FORMAT, "seed": int(seed), "images_per_prompt": int(images_per_prompt),
          "settings": dict(settings or {})}
   # Through JSON once, so tuples compare equal to the lists the saved file gives back.
@@ -365,7 +369,7 @@ def write_images(metadata: Sequence[Prompt], out_dir: str,
 
 def check_folder(metadata: Sequence[Prompt], out_dir: str, images_per_prompt: int = 4) -> dict:
   """Which prompts of ``metadata`` are complete in ``out_dir`` (before running the scorer)."""
-  if not os.path.isdir(out_dir):
+  if not paths.is_dir(out_dir):
     raise GenEvalFileError(f"{out_dir} is not a folder; give the folder write_images wrote.")
   incomplete = [p.folder for p in metadata if not is_complete(p, out_dir, images_per_prompt)]
   return {"prompts": len(metadata), "complete": len(metadata) - len(incomplete),
@@ -377,7 +381,7 @@ def check_folder(metadata: Sequence[Prompt], out_dir: str, images_per_prompt: in
 
 def read_results(path: str) -> List[dict]:
   """The rows of the official scorer's results.jsonl, each checked for 'tag' and 'correct'."""
-  if not path or not os.path.isfile(path):
+  if not path or not paths.is_file(path):
     raise GenEvalFileError(
         f"GenEval results file {path!r} not found; write it with GenEval's "
         "evaluation/evaluate_images.py <image folder> --outfile results.jsonl.")
@@ -438,7 +442,7 @@ def summarize(results_path: str) -> dict:
       "image_accuracy": correct_images / len(rows),
       "prompts": len(by_prompt),
       "prompt_accuracy": sum(by_prompt.values()) / len(by_prompt),
-      "results": os.path.abspath(results_path),
+      "results": paths.absolute(results_path),
   }
 
 
@@ -485,7 +489,7 @@ def main(argv=None) -> int:
       summary = summarize(args.results)
       print(format_table(summary))
       if args.out:
-        _write_atomic(os.path.abspath(args.out),
+        _write_atomic(paths.absolute(args.out),
                       json.dumps(summary, indent=2).encode("utf-8"))
       return 0
     status = check_folder(read_metadata(args.metadata), args.out_dir, args.images_per_prompt)

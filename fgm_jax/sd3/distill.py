@@ -163,7 +163,7 @@ def load_conditioning(config):
   if manifest.get("complete") and manifest.get("num_shards", 0) == 0:
     raise config_checks.ConfigError(f"config.prompt_cache={cache_dir!r} holds no prompts; "
                                     "rebuild it from a non-empty prompt file.")
-  if not os.path.isfile(os.path.join(cache_dir, prompt_cache.UNCOND)):
+  if not prompt_cache.has_uncond(cache_dir):  # on a disk or in a gs:// bucket
     raise FileNotFoundError(
         f"config.prompt_cache={cache_dir!r} has no {prompt_cache.UNCOND} (the empty prompt's "
         "embedding, the CFG negative); rerun the prompt_cache job on it to finish it.")

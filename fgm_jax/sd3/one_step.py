@@ -16,6 +16,7 @@ StableDiffusion3Pipeline runs it with num_inference_steps=1, guidance_scale=1.0.
 import json
 import os
 import shutil
+import tempfile
 import time
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 
 from fgm_jax import config_checks
 from fgm_jax import distributed
+from fgm_jax import paths
 from fgm_jax.sd3 import text
 from fgm_jax.sd3 import tiny
 
@@ -105,11 +107,58 @@ def require_pipeline_parts(folder):
           "--config.sd3.folder at the complete SD3 folder the run was distilled from.")
 
 
-def write_pipeline_folder(teacher_folder, out, module, params, *, dtype="float32", note=None):
-  """``teacher_folder`` with transformer/ replaced by ``params`` (an MM-DiT of ``module``'s
-  architecture), written to ``out``. Built under a temporary name and renamed when complete."""
+def _write_generator(folder, module, params, dtype, note):
+  """transformer/ (the generator's weights) and the export note, into a local ``folder``."""
   from fgm_jax.convert import diffusers as dconv
   from fgm_jax.models import mmdit
+  dconv.save_params(os.path.join(folder, "transformer"), "mmdit",
+                    mmdit.diffusers_config(module), params, dtype=jax.numpy.dtype(dtype))
+  with open(os.path.join(folder, EXPORT_NOTE), "w") as f:
+    json.dump(note or {}, f, indent=2)
+
+
+def _local_files(folder, skip=()):
+  """(path, path relative to ``folder``) of every file under it, top-level names in ``skip``
+  left out."""
+  out = []
+  for name in sorted(os.listdir(folder)):
+    src = os.path.join(folder, name)
+    if name in skip:
+      continue
+    if not os.path.isdir(src):
+      out.append((src, name))
+      continue
+    for root, dirs, names in os.walk(src):
+      dirs.sort()
+      out += [(os.path.join(root, n), os.path.relpath(os.path.join(root, n), folder))
+              for n in sorted(names)]
+  return out
+
+
+def _upload_pipeline_folder(teacher_folder, out, module, params, *, dtype, note):
+  """write_pipeline_folder for a gs:// ``out``. A bucket has no links and no folder rename (a
+  copy per object), so every file is uploaded to its final name (the teacher's parts copied
+  from the local ``teacher_folder``; the generator written to a local temporary folder
+  first) and model_index.json last: diffusers loads nothing without it, so a folder holding
+  it is complete. An earlier export there is removed first."""
+  out = out.rstrip("/")
+  paths.rmtree(out)
+  with tempfile.TemporaryDirectory(prefix="fgm_jax_export_") as local:
+    _write_generator(local, module, params, dtype, note)
+    files = (_local_files(teacher_folder, skip=("transformer", EXPORT_NOTE))
+             + _local_files(local))
+    files.sort(key=lambda f: f[1] == "model_index.json")  # stable: the rest keep their order
+    for src, rel in files:
+      paths.upload(src, f"{out}/{rel}")
+  return out
+
+
+def write_pipeline_folder(teacher_folder, out, module, params, *, dtype="float32", note=None):
+  """``teacher_folder`` with transformer/ replaced by ``params`` (an MM-DiT of ``module``'s
+  architecture), written to ``out``. Built under a temporary name and renamed when complete;
+  in a gs:// bucket uploaded in place (_upload_pipeline_folder)."""
+  if paths.is_remote(out):
+    return _upload_pipeline_folder(teacher_folder, out, module, params, dtype=dtype, note=note)
   tmp = out.rstrip("/") + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -121,10 +170,7 @@ def write_pipeline_folder(teacher_folder, out, module, params, *, dtype="float32
       shutil.copytree(src, os.path.join(tmp, name), copy_function=_link_or_copy)
     else:
       _link_or_copy(src, os.path.join(tmp, name))
-  dconv.save_params(os.path.join(tmp, "transformer"), "mmdit", mmdit.diffusers_config(module),
-                    params, dtype=jax.numpy.dtype(dtype))
-  with open(os.path.join(tmp, EXPORT_NOTE), "w") as f:
-    json.dump(note or {}, f, indent=2)
+  _write_generator(tmp, module, params, dtype, note)
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   return out

@@ -13,8 +13,9 @@ Writes into --workdir
                                   prompt (text), index (row in the prompt file)
     uncond.npz                    the empty prompt's context / pooled (the CFG negative)
 
-A shard is written under a temporary name and renamed when complete, so a killed writer
-leaves no half shard; a restart skips the finished ones and gives the same files as an
+Every file goes through fgm_jax/paths.py, so --workdir may be a gs:// bucket. A shard is
+written whole (locally under a temporary name, renamed when complete; a bucket object appears
+only once uploaded), so a killed writer leaves no half shard; a restart skips the finished ones and gives the same files as an
 uninterrupted run. A workdir holding a cache made with other settings is refused.
 SD3 has no text mask, so every one of the 77 + t5_length positions is stored: print the size
 before writing; for large prompt sets encode on the fly instead (text.encode_ids is pure).
@@ -22,6 +23,7 @@ before writing; for large prompt sets encode on the fly instead (text.encode_ids
 
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -34,6 +36,7 @@ from absl import logging
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax import parallel
+from fgm_jax import paths
 from fgm_jax.sd3 import text
 
 MANIFEST = "cache.json"
@@ -48,11 +51,12 @@ class PromptFileError(FileNotFoundError):
 
 def read_prompts(path: str):
   """Prompts from a text file (one per line) or JSONL (a 'prompt' field per line)."""
-  if not path or not os.path.isfile(path):
+  if not path or not paths.is_file(path):
     raise PromptFileError(f"config.prompts={path!r}: no such prompt file; give a text file "
                           "with one prompt per line, or JSONL with a 'prompt' field.")
-  with open(path, encoding="utf-8") as f:
-    lines = [line.rstrip("\n") for line in f if line.strip()]
+  # newline=None: the lines open() would give, from a disk or a bucket.
+  f = io.StringIO(paths.read_bytes(path).decode("utf-8"), newline=None)
+  lines = [line.rstrip("\n") for line in f if line.strip()]
   if path.endswith(".jsonl"):
     lines = [json.loads(line)["prompt"] for line in lines]
   if not lines:
@@ -95,10 +99,9 @@ def _differences(saved: dict, wanted: dict, keys, here: str) -> str:
 
 def _check_workdir(workdir, wanted):
   path = os.path.join(workdir, MANIFEST)
-  if not os.path.isfile(path):
+  if not paths.is_file(path):
     return
-  with open(path) as f:
-    saved = json.load(f)["settings"]
+  saved = paths.read_json(path)["settings"]
   diff = _differences(saved, wanted, set(saved) | set(wanted), "now")
   if diff:
     raise config_checks.ConfigError(
@@ -108,15 +111,19 @@ def _check_workdir(workdir, wanted):
 
 def read_manifest(cache_dir: str) -> dict:
   path = os.path.join(cache_dir, MANIFEST)
-  if not os.path.isfile(path):
+  if not paths.is_file(path):
     raise FileNotFoundError(f"{cache_dir} is not a prompt cache (no {MANIFEST}); write one with "
                             "--config=configs/sd3_prompts.py.")
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(path)
 
 
 def is_cache(path: str) -> bool:
-  return bool(path) and os.path.isfile(os.path.join(path, MANIFEST))
+  return bool(path) and paths.is_file(os.path.join(path, MANIFEST))
+
+
+def has_uncond(cache_dir: str) -> bool:
+  """Whether the cache holds the empty prompt's embedding (written after the shards)."""
+  return paths.is_file(os.path.join(cache_dir, UNCOND))
 
 
 def require_settings(cache_dir: str, wanted: dict, field: str = "config.prompts"):
@@ -148,8 +155,9 @@ def texts(cache_dir: str):
   manifest = read_manifest(cache_dir)
   out = []
   for k in range(manifest["num_shards"]):
-    with np.load(os.path.join(cache_dir, shard_name(k))) as z:
-      out += [str(p) for p in z["prompt"]]
+    # Only the texts: the embeddings (most of a shard) are not read.
+    z = paths.load_npz(os.path.join(cache_dir, shard_name(k)), keys=["prompt"])
+    out += [str(p) for p in z["prompt"]]
   return out
 
 
@@ -186,10 +194,14 @@ def _encode_all(encode, encoders, prompts, batch_size):
   return np.concatenate(contexts), np.concatenate(pooled)
 
 
-def _save(path, **arrays):
-  tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+def _drop_temporaries(workdir):
+  """Removes the half shards a killed writer left (.<name>.<pid>.tmp, paths.write_bytes; a
+  shard can be gigabytes). None in a bucket: objects appear only once uploaded."""
+  if paths.is_remote(workdir):
+    return
+  for name in paths.listdir(workdir):
+    if name.startswith(".shard-") and name.endswith(".tmp"):
+      paths.remove(os.path.join(workdir, name))
 
 
 def write(config, workdir, mesh=None):
@@ -201,7 +213,9 @@ def write(config, workdir, mesh=None):
                        dtype=config.sd3.dtype)
   wanted = settings(config, encoders, prompts)
   _check_workdir(workdir, wanted)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
+  if jax.process_index() == 0:
+    _drop_temporaries(workdir)
   per_prompt = bytes_per_prompt(encoders)
   print(f"prompt cache: {len(prompts):,} prompts x {per_prompt / 1e6:.2f} MB "
         f"({encoders.clip_length} + {encoders.t5_length} tokens x {encoders.joint_dim}, "
@@ -216,13 +230,13 @@ def write(config, workdir, mesh=None):
   start, done = time.time(), 0
   for k in range(num_shards):
     path = os.path.join(workdir, shard_name(k))
-    if os.path.isfile(path):
-      continue  # finished by an earlier run
+    if paths.is_file(path):
+      continue  # finished by an earlier run (a shard appears only once whole)
     rows = range(k * size, min(len(prompts), (k + 1) * size))
     shard = [prompts[i] for i in rows]
     ctx, pooled = _encode_all(encode, encoders, shard, config.batch_size)
     if jax.process_index() == 0:
-      _save(path, context=ctx, pooled=pooled, prompt=np.array(shard),
+      paths.save_npz(path, context=ctx, pooled=pooled, prompt=np.array(shard),
             index=np.array(list(rows), np.int64))
     done += len(rows)
     rate = done / max(time.time() - start, 1e-9)
@@ -231,7 +245,7 @@ def write(config, workdir, mesh=None):
                  rate, left / max(rate, 1e-9))
   uncond_ctx, uncond_pooled = _encode_all(encode, encoders, [""], config.batch_size)
   if jax.process_index() == 0:
-    _save(os.path.join(workdir, UNCOND), context=uncond_ctx, pooled=uncond_pooled)
+    paths.save_npz(os.path.join(workdir, UNCOND), context=uncond_ctx, pooled=uncond_pooled)
     checkpoint.write_json(os.path.join(workdir, MANIFEST),
                           {"settings": wanted, "complete": True, "num_shards": num_shards})
   print(f"prompt cache complete: {num_shards} shards in {workdir}", flush=True)
@@ -245,10 +259,10 @@ def load(cache_dir: str):
   if not manifest.get("complete"):
     raise FileNotFoundError(f"{cache_dir}: the prompt cache is not complete; rerun the "
                             "prompt_cache job on it to finish it.")
-  parts = [np.load(os.path.join(cache_dir, shard_name(k)))
+  parts = [paths.load_npz(os.path.join(cache_dir, shard_name(k)))
            for k in range(manifest["num_shards"])]
   rows = {"context": np.concatenate([p["context"] for p in parts]).view(ml_dtypes.bfloat16),
           "pooled": np.concatenate([p["pooled"] for p in parts])}
-  u = np.load(os.path.join(cache_dir, UNCOND))
+  u = paths.load_npz(os.path.join(cache_dir, UNCOND))
   uncond = {"context": u["context"].view(ml_dtypes.bfloat16), "pooled": u["pooled"]}
   return rows, uncond

@@ -170,6 +170,7 @@ def run(config, workdir, mesh=None, mmdit_params=None):
   these MM-DiT weights instead of the folder's (a distilled one-step generator).
   """
   from fgm_jax import parallel
+  from fgm_jax import paths
   from fgm_jax.evaluation import plots
   from fgm_jax.sd3 import tiny
   config = tiny.resolve(config, workdir)
@@ -179,7 +180,7 @@ def run(config, workdir, mesh=None, mmdit_params=None):
   prompts = prompts[:s.num or None]
   multiple = parallel.batch_device_count(mesh)
   out_dir = os.path.join(workdir, "images")
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)  # a disk or a gs:// bucket (plots.save_png writes through paths)
   start, images = time.time(), []
   for i in range(0, len(prompts), s.batch_size):
     idx = list(range(i, min(len(prompts), i + s.batch_size)))

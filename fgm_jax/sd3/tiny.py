@@ -8,12 +8,17 @@ loading code a real folder does. The tokenizers are real CLIP (byte-level BPE) a
 same tokenizers, with torch-initialised models, against diffusers).
 """
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fgm_jax import paths
 
 CLIP_LENGTH = 77
 PROMPTS = ("a photo of a cat", "a red car and a blue dog", "two bananas on a table",
@@ -179,21 +184,46 @@ def build(folder: str, seed: int = 0) -> str:
 
 def prompts_file(folder: str) -> str:
   path = os.path.join(folder, "prompts.txt")
-  with open(path, "w") as f:
-    f.write("\n".join(PROMPTS) + "\n")
+  paths.write_text(path, "\n".join(PROMPTS) + "\n")
   return path
+
+
+def folder_for(workdir: str) -> str:
+  """Where a :runlocal run's tiny folder is: <workdir>/tiny_sd3; for a gs:// workdir a local
+  folder named after it, since diffusers and transformers (and our loaders) read an SD3
+  folder with local file calls."""
+  if not paths.is_remote(workdir):
+    return os.path.join(workdir, "tiny_sd3")
+  digest = hashlib.sha256(str(workdir).rstrip("/").encode("utf-8")).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), "fgm_jax_tiny_sd3", digest)
+
+
+def _build_shared(folder: str) -> str:
+  """build() into a temporary sibling renamed into place: processes of one host sharing the
+  folder of a gs:// workdir never see a half-built one."""
+  if os.path.isfile(os.path.join(folder, "model_index.json")):
+    return folder
+  tmp = f"{folder}.{os.getpid()}.tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  build(tmp)
+  try:
+    os.rename(tmp, folder)
+  except OSError:  # another process's folder got there first: use that one
+    shutil.rmtree(tmp, ignore_errors=True)
+  return folder
 
 
 def resolve(config, workdir):
   """``config`` with sd3.folder / prompts filled in for a :runlocal run (built on first use
-  under <workdir>); unchanged for a real folder."""
+  under <workdir>, the folder locally for a gs:// workdir: folder_for); unchanged for a real
+  folder."""
   if not config.sd3.tiny_random or (config.sd3.folder and config.prompts):
     return config
   c = config.copy_and_resolve_references()
-  folder = os.path.join(workdir, "tiny_sd3")
   if not c.sd3.folder:
-    c.sd3.folder = build(folder)
+    folder = folder_for(workdir)
+    c.sd3.folder = _build_shared(folder) if paths.is_remote(workdir) else build(folder)
   if not c.prompts:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     c.prompts = prompts_file(workdir)
   return c
