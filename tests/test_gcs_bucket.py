@@ -26,8 +26,10 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -128,8 +130,8 @@ def _cmd(workdir, *extra):
           f"--workdir={workdir}", *helpers.overrides(_config()), *extra]
 
 
-def _env():
-  env = dict(os.environ)  # the fixture's emulator settings included
+def _env(**extra):
+  env = dict(os.environ, **extra)  # the fixture's emulator settings included
   env["XLA_FLAGS"] = xla_flags.for_devices(1)
   env["PYTHONPATH"] = helpers.ROOT
   for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
@@ -137,8 +139,8 @@ def _env():
   return env
 
 
-def _run(cmd):
-  done = subprocess.run(cmd, cwd=helpers.ROOT, env=_env(), capture_output=True, text=True,
+def _run(cmd, **env):
+  done = subprocess.run(cmd, cwd=helpers.ROOT, env=_env(**env), capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
@@ -262,13 +264,14 @@ def _sd3_cmd(config, workdir, *extra):
           f"--workdir={workdir}", *extra]
 
 
-def _sd3_chain():
+def _sd3_chain(local_tmp):
   """The SD3 chain through the command line, every workdir in the bucket: a prompt cache,
   distillation from it (the SD3 folder stays local: the one the cache job built), one-step
   images (prompts from the cache in the bucket), the diffusers export, job=compile. Returns
-  each job's output and seconds."""
+  each job's output and seconds. The jobs' temporary folder is ``local_tmp`` (TMPDIR)."""
   from fgm_jax.sd3 import tiny
-  folder = tiny.folder_for(PROMPTS)  # where the cache job builds its tiny folder
+  with mock.patch.object(tempfile, "tempdir", local_tmp):  # as the jobs will see it
+    folder = tiny.folder_for(PROMPTS)  # where the cache job builds its tiny folder
   teacher = [f"--config.sd3.folder={folder}", f"--config.prompt_cache={PROMPTS}"]
   jobs = {
       "prompts": _sd3_cmd("sd3_prompts.py", PROMPTS),
@@ -281,13 +284,13 @@ def _sd3_chain():
   out, seconds = {"folder": folder}, {}
   for name, cmd in jobs.items():
     start = time.time()
-    out[name] = _run(cmd)
+    out[name] = _run(cmd, TMPDIR=local_tmp)
     seconds[name] = round(time.time() - start, 1)
   return dict(out, seconds=seconds)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _sd3_in_the_background(request, bucket):
+def _sd3_in_the_background(request, bucket, tmp_path_factory):
   """Starts the SD3 chain in a thread at the module's first test (when an SD3 test is
   selected), so that it runs beside the toy pipeline: both are mostly XLA compiles of one
   thread each, which on 2 cores overlap instead of queueing."""
@@ -295,7 +298,7 @@ def _sd3_in_the_background(request, bucket):
     yield None
     return
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    yield pool.submit(_sd3_chain)
+    yield pool.submit(_sd3_chain, str(tmp_path_factory.mktemp("sd3_tmp")))
 
 
 @pytest.fixture(scope="module")
