@@ -36,7 +36,9 @@ def data_config():
       # or a folder with the source archive to prepare it from. Placeholders so that
       # --config.data.data_dir=... works on the command line.
       data_dir=ml_collections.config_dict.placeholder(str),
-      manual_dir=ml_collections.config_dict.placeholder(str)))
+      manual_dir=ml_collections.config_dict.placeholder(str),
+      # The tfds features holding the images and (conditional runs) the labels.
+      image_key="image", label_key=ml_collections.config_dict.placeholder(str)))
 
 
 def get_config(variant=""):

@@ -101,10 +101,11 @@ def evaluation(num_samples):
   """job=evaluate / pipeline: teacher Euler 1, 4, 50 steps (and FGM 1 step) from seed 123.
 
   classifier_dir: where the digits classifier is cached (None: beside the run's workdir).
+  fid: FID settings (``fid()``; off unless its ``inception`` weights are given).
   """
   return ml_collections.ConfigDict(dict(
       num_samples=num_samples, teacher_steps=(1, 4, 50), seed=123, output="eval.json",
-      classifier_dir=ml_collections.config_dict.placeholder(str)))
+      classifier_dir=ml_collections.config_dict.placeholder(str), fid=fid()))
 
 
 def fid():
@@ -125,6 +126,15 @@ def fid():
       reference=ml_collections.config_dict.placeholder(str),
       reference_split="train", quantize="round", image_size=299, batch_size=500,
       every=0, every_num=10_000))
+
+
+def mmdit(**fields):
+  """config.model of an MM-DiT: how it runs (dtype, attention_impl, remat) and its params
+  layout (scan_layers: one nn.scan over the identical joint blocks, compile time flat in
+  depth; False unrolls them). Its diffusers keys come from a folder's config.json at run time
+  (sd3/distill.FolderTeacher) or from ``fields``."""
+  return dict(dict(name="mmdit", dtype="float32", attention_impl="xla", remat="none",
+                   scan_layers=True), **fields)
 
 
 def runlocal(c, batch_size, samples=None):

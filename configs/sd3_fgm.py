@@ -50,10 +50,7 @@ def get_config(variant=""):
   # from <sd3.folder>/transformer at run time; these fields say how the three networks run
   # and how the teacher samples (job=compile's sampler).
   c.teacher = ml_collections.ConfigDict(dict(
-      # scan_layers: one nn.scan over the identical joint blocks (compile time flat in
-      # depth); False unrolls them (today's layout, for comparison).
-      model=dict(name="mmdit", dtype="bfloat16", remat="dots", attention_impl="xla",
-                 scan_layers=True),
+      model=common.mmdit(dtype="bfloat16", remat="dots"),
       sample=dict(steps=28, method="euler", shift=3.0),
       # (height, width, channels) of one latent: from resolution and the folder's VAE.
       latent_shape=ml_collections.config_dict.placeholder(tuple)))

@@ -388,7 +388,8 @@ def _build(config, workdir, mesh):
 def _describe(config):
   model = config_checks.architecture(config)[0]
   kind = "FGM" if config_checks.is_distill(config) else "teacher"
-  return f"{kind} {model.name} (dtype {model.get('dtype', 'float32')})"
+  dtype = f" (dtype {model.dtype})" if "dtype" in model else ""  # the MLP has no dtype field
+  return f"{kind} {model.name}{dtype}"
 
 
 def _libtpu_version():

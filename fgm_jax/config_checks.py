@@ -113,7 +113,7 @@ def _check_teacher_checkpoint(teacher):
 def _teacher_import_hint(teacher) -> str:
   """The other way to a CIFAR-10 teacher, the published one (README, 'CIFAR-10 with the
   published teacher'); '' for teachers that have none."""
-  if teacher.data.get("tfds_name") != "cifar10":
+  if teacher.data.name != "tfds" or teacher.data.tfds_name != "cifar10":
     return ""
   return ("; or import the published 1-Rectified-Flow teacher: python -m "
           "fgm_jax.convert.rectified_flow checkpoint_8.pth runs/cifar10_rf_teacher, then "
@@ -314,9 +314,10 @@ def compare_with_saved(config, saved: dict, workdir: str):
 
 
 # Fields that change how a state is computed or where data is read, not what the state
-# holds: a float32 teacher distils in bfloat16, a run moves to another data folder.
+# holds: a float32 teacher distils in bfloat16, a run moves to another data folder. (image_key
+# and label_key joined the tfds configs later: runs saved before them still resume.)
 NOT_IN_FINGERPRINT = {"model": ("dtype", "remat", "attention_impl"),
-                      "data": ("data_dir", "manual_dir")}
+                      "data": ("data_dir", "manual_dir", "image_key", "label_key")}
 
 
 def fingerprint(config) -> dict:

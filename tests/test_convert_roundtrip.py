@@ -12,6 +12,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from configs import common as configs  # noqa: E402
 from fgm_jax import models  # noqa: E402
 from fgm_jax.convert import common  # noqa: E402
 from fgm_jax.convert import diffusers as dconv  # noqa: E402
@@ -80,12 +81,12 @@ def test_flax_to_diffusers(tmp_path, flax_model, max_shard_bytes):
 
 
 def test_registry_builds_from_config_dict():
-  cfg = ml_collections.ConfigDict(dict(CONFIG, name="mmdit", dtype="bfloat16"))
+  cfg = ml_collections.ConfigDict(configs.mmdit(**CONFIG, dtype="bfloat16"))
   module = models.build(cfg)
   assert isinstance(module, mmdit.MMDiT)
   assert module.dual_attention_layers == (1,) and module.dtype == np.dtype("bfloat16")
   with pytest.raises(ValueError, match="num_layer"):
-    models.build(ml_collections.ConfigDict(dict(CONFIG, name="mmdit", num_layer=2)))
+    models.build(ml_collections.ConfigDict(configs.mmdit(**CONFIG, num_layer=2)))
 
 
 # ----------------------------------------------------------------------------- bad weights

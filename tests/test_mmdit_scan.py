@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
+from configs import common as configs  # noqa: E402
 from fgm_jax import models, parallel  # noqa: E402
 from fgm_jax.convert import common, mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
@@ -94,7 +95,7 @@ def test_sd3_medium_params_layout():
 
 
 def test_config_switch():
-  build = lambda **kw: models.build(ml_collections.ConfigDict(dict(PLAIN, name="mmdit", **kw)))
+  build = lambda **kw: models.build(ml_collections.ConfigDict(configs.mmdit(**PLAIN, **kw)))
   assert build().scan_layers and not build(scan_layers=False).scan_layers
   with pytest.raises(ValueError, match="scan_layers"):  # listed among the known fields
     build(scan_layer=False)

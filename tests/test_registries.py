@@ -3,6 +3,7 @@
 import pytest
 from ml_collections import ConfigDict
 
+from configs import common
 from fgm_jax import data
 from fgm_jax import models
 from fgm_jax.evaluation import evaluators
@@ -21,10 +22,10 @@ def test_model_rules_default_to_the_models_own():
   mlp = ConfigDict(dict(name="mlp"))
   assert models.logical_rules(mlp) == ()  # shape-rule FSDP
   assert models.example_cond(mlp, 4) is None
-  mm = ConfigDict(dict(name="mmdit", num_layers=1, attention_head_dim=8, num_attention_heads=2,
-                       joint_attention_dim=12, caption_projection_dim=16,
-                       pooled_projection_dim=8, in_channels=4, out_channels=4, sample_size=8,
-                       pos_embed_max_size=8))
+  mm = ConfigDict(common.mmdit(num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                               joint_attention_dim=12, caption_projection_dim=16,
+                               pooled_projection_dim=8, in_channels=4, out_channels=4,
+                               sample_size=8, pos_embed_max_size=8))
   assert models.logical_rules(mm) == mmdit.LOGICAL_RULES
   assert models.logical_rules(mm, tensor_parallel=True) == mmdit.TENSOR_LOGICAL_RULES
   cond = models.example_cond(mm, 4)

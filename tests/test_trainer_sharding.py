@@ -24,10 +24,10 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8,
 
 # Widths divisible by fsdp=4; three blocks: 0-1 one scan (params stacked on a leading
 # 'layers' axis), 2 the context_pre_only last block.
-MMDIT = dict(name="mmdit", sample_size=8, patch_size=2, in_channels=4, num_layers=3,
-             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=12,
-             caption_projection_dim=32, pooled_projection_dim=8, out_channels=4,
-             pos_embed_max_size=8, dual_attention_layers=(), qk_norm="rms_norm")
+MMDIT = common.mmdit(sample_size=8, patch_size=2, in_channels=4, num_layers=3,
+                     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=12,
+                     caption_projection_dim=32, pooled_projection_dim=8, out_channels=4,
+                     pos_embed_max_size=8, dual_attention_layers=(), qk_norm="rms_norm")
 WIDTH = 32
 TEXT_LEN, PROMPTS, STEPS = 5, 24, 2
 

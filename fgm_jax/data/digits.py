@@ -61,8 +61,7 @@ def load_split(split: str):
 
 
 def from_config(data_config, seed: int) -> arrays.ArraySource:
-  split = data_config.get("split", "train")
-  images, labels = _split_raw(split)
+  images, labels = _split_raw(data_config.split)
   return arrays.ArraySource(
       images, seed, max_value=MAX_VALUE,
-      random_flip=bool(data_config.get("random_flip", False)), labels=labels)
+      random_flip=bool(data_config.random_flip), labels=labels)

@@ -1,6 +1,6 @@
 """TensorFlow Datasets image sets (CIFAR-10 first) held in memory as uint8.
 
-Config fields (config.data):
+Config fields (config.data, all read; configs/cifar10_teacher.data_config() gives CIFAR-10's):
   name='tfds', tfds_name='cifar10', split='train',
   data_dir=None (tfds's default, ~/tensorflow_datasets or $TFDS_DATA_DIR),
   manual_dir=None (a folder holding the dataset's source archives; see below),
@@ -123,15 +123,11 @@ def load_arrays(tfds_name: str, split: str = "train", data_dir=None, manual_dir=
 
 
 def from_config(data_config, seed: int) -> arrays.ArraySource:
-  if not data_config.get("tfds_name"):
+  if not data_config.tfds_name:
     raise ValueError("config.data.tfds_name must name a tfds dataset, e.g. 'cifar10'.")
   images, labels = load_arrays(
-      data_config.tfds_name,
-      split=data_config.get("split", "train"),
-      data_dir=data_config.get("data_dir", None),
-      manual_dir=data_config.get("manual_dir", None),
-      image_key=data_config.get("image_key", "image"),
-      label_key=data_config.get("label_key", None))
-  return arrays.ArraySource(
-      images, seed, max_value=255.0,
-      random_flip=bool(data_config.get("random_flip", True)), labels=labels)
+      data_config.tfds_name, split=data_config.split, data_dir=data_config.data_dir,
+      manual_dir=data_config.manual_dir, image_key=data_config.image_key,
+      label_key=data_config.label_key)
+  return arrays.ArraySource(images, seed, max_value=255.0,
+                            random_flip=bool(data_config.random_flip), labels=labels)

@@ -169,9 +169,8 @@ def reference_from_tfds(extractor: FeatureExtractor, data_config, split: str, ca
     logging.info("FID reference statistics from the cache %s", path)
     return load_reference(path)
   images, _ = tfds_images.load_arrays(
-      data_config.tfds_name, split=split, data_dir=data_config.get("data_dir", None),
-      manual_dir=data_config.get("manual_dir", None),
-      image_key=data_config.get("image_key", "image"))
+      data_config.tfds_name, split=split, data_dir=data_config.data_dir,
+      manual_dir=data_config.manual_dir, image_key=data_config.image_key)
   if images.shape[-1] == 1:  # grey data sets: Inception wants RGB
     images = np.repeat(images, 3, axis=-1)
   mu, sigma = extractor.stats(images, what=f"FID reference {data_config.tfds_name}[{split}]")

@@ -26,8 +26,8 @@ class FIDEvaluator(evaluators.Evaluator):
   @classmethod
   def metric_problem(cls, eval_config) -> str:
     """Why FID cannot be computed with this config ('' if it can); checks files, not images."""
-    f = eval_config.get("fid")
-    if f is None or not f.inception:
+    f = eval_config.fid
+    if not f.inception:
       return ("needs Inception-V3 weights for FID: convert pytorch-fid's "
               "pt_inception-2015-12-05-6726825d.pth with `python -m fgm_jax.convert.inception "
               "<that file> fid_inception.safetensors` and pass "

@@ -68,7 +68,7 @@ class TrainingPlots:
 
 
 class TrainingFID:
-  """FID-N of what a run trains, every config.eval.fid.every steps (off when 0 or absent).
+  """FID-N of what a run trains, every config.eval.fid.every steps (off when 0).
 
       hook = TrainingFID.for_run(trainer, config, workdir)   # None when off
       hook(step, state, writer)                             # in the loop, after the step
@@ -85,8 +85,8 @@ class TrainingFID:
 
   @classmethod
   def for_run(cls, trainer, config, workdir):
-    fid_config = config.get("eval", {}).get("fid")
-    if not fid_config or not fid_config.every:
+    fid_config = config.eval.fid
+    if not fid_config.every:
       return None
     evaluate.require_metric(trainer.data_config, config.eval,
                             f"config.eval.fid.every={fid_config.every}")

@@ -31,4 +31,4 @@ class MLPVelocity(nn.Module):
 
 def from_config(model_config):
   return MLPVelocity(hidden=model_config.hidden, depth=model_config.depth,
-                     time_dim=model_config.get("time_dim", 64))
+                     time_dim=model_config.time_dim)

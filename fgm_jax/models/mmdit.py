@@ -637,16 +637,16 @@ _RUN_KEYS = ("dtype", "attention_impl", "remat", "scan_layers")
 
 
 def from_config(model_config):
-  """Registry factory: ConfigDict with name='mmdit' and diffusers' keys (+ dtype options)."""
-  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  """Registry factory: config.model (configs/common.mmdit: name, the _RUN_KEYS) with diffusers'
+  keys; the ones it lacks take DIFFUSERS_DEFAULTS, as for a config.json."""
+  cfg = model_config.to_dict()
   unknown = set(cfg) - set(_CONFIG_KEYS) - {"name"} - set(_RUN_KEYS)
   if unknown:
     raise ValueError(f"config.model has unknown MM-DiT fields {sorted(unknown)}; "
                      f"known: {sorted(_CONFIG_KEYS + _RUN_KEYS)}.")
-  return from_diffusers_config(cfg, dtype=cfg.get("dtype", "float32"),
-                               attention_impl=cfg.get("attention_impl", "xla"),
-                               remat=cfg.get("remat", "none"),
-                               scan_layers=cfg.get("scan_layers", True))
+  return from_diffusers_config(cfg, dtype=model_config.dtype,
+                               attention_impl=model_config.attention_impl,
+                               remat=model_config.remat, scan_layers=model_config.scan_layers)
 
 
 def diffusers_config(module: MMDiT):
