@@ -136,3 +136,17 @@ def test_runlocal_builds_a_tiny_folder_that_diffusers_reads_alike(tmp_path):
   got, got_pooled = text.encode_prompt(text.load(folder, t5_length=32), ref.PROMPT_TEXTS)
   assert ref.max_rel_err(got, want.numpy()) <= 1e-5
   assert ref.max_rel_err(got_pooled, want_pooled.numpy()) <= 1e-5
+
+
+def test_tiny_t5_tokenizer_is_the_same_in_every_process(tmp_path):
+  """The tiny folder's T5 tokenizer file (part of the folder identity a prompt cache
+  records) is the same whichever process trains it: the tiny folder of a gs:// workdir is
+  built on each VM, and a cache written on one must match the folder of another."""
+  import subprocess
+  import sys
+  code = "import sys; from fgm_jax.sd3 import tiny; tiny.t5_tokenizer(sys.argv[1])"
+  for name in ("a", "b"):
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True,
+                   cwd=helpers.ROOT, env=dict(os.environ, PYTHONPATH=helpers.ROOT))
+  a, b = ((tmp_path / name / "tokenizer.json").read_bytes() for name in ("a", "b"))
+  assert a == b

@@ -86,6 +86,14 @@ def t5_tokenizer(folder):
   trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
                                     unk_token="<unk>")
   tk.train_from_iterator(list(PROMPTS) * 20, trainer)
+  # The trainer's scores differ in their last bits between processes (summation order), and
+  # it orders pieces of equal score by hash: rounded and sorted, every build gives the same
+  # file and ids (a gs:// workdir's tiny folder is built on each VM).
+  model = json.loads(tk.to_str())["model"]
+  vocab = [(piece, round(score, 6)) for piece, score in model["vocab"]]
+  special, pieces = vocab[:3], vocab[3:]  # <pad>, </s>, <unk> keep ids 0-2
+  tk.model = models.Unigram(special + sorted(pieces, key=lambda p: (-p[1], p[0])),
+                            unk_id=model["unk_id"], byte_fallback=model["byte_fallback"])
   tk.post_processor = processors.TemplateProcessing(
       single="$A </s>", special_tokens=[("</s>", tk.token_to_id("</s>"))])
   tok = T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
