@@ -3,8 +3,6 @@
 Runs before any model is built or compiled, so a bad value costs seconds, not a compile.
 """
 
-import os
-
 import jax
 import ml_collections
 
@@ -15,6 +13,7 @@ from fgm_jax import flow
 from fgm_jax import models
 from fgm_jax import parallel
 from fgm_jax.train import kinds
+from fgm_jax.train import optim
 
 JOBS = ("teacher", "distill", "sample", "evaluate", "pipeline", "export", "prompt_cache",
         "compile")
@@ -32,19 +31,22 @@ def _require(ok: bool, message: str):
     raise ConfigError(message)
 
 
-def _check_optim(optim, field: str):
-  _require(optim.lr > 0, f"{field}.lr={optim.lr} must be > 0; e.g. --{field}.lr=1e-4.")
-  _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1,
-           f"{field}.b1={optim.b1}, {field}.b2={optim.b2} must lie in [0, 1).")
-  _require(0 <= optim.ema_decay < 1,
-           f"{field}.ema_decay={optim.ema_decay} must lie in [0, 1); 0 disables the EMA.")
-  _require(optim.warmup_steps >= 0, f"{field}.warmup_steps={optim.warmup_steps} must be >= 0.")
+def _require_none(problem):
+  """A section's own check (its module's check_config) found ``problem``."""
+  if problem:
+    raise ConfigError(problem)
 
 
-def _check_model_and_data(model, data, field: str):
+def _check_model(model, field: str):
   _require(model.name in models.names(),
            f"{field}.model.name={model.name!r} is not a known model; choose one of "
            f"{models.names()}.")
+  problem = models.config_problem(model)
+  _require(problem is None, f"{field}.{problem}")
+
+
+def _check_model_and_data(model, data, field: str):
+  _check_model(model, field)
   _require(data.name in data_lib.names(),
            f"{field}.data.name={data.name!r} is not a known dataset; choose one of "
            f"{data_lib.names()}.")
@@ -82,22 +84,6 @@ def check_batch(batch_size: int, device_count: int, field: str = "config.batch_s
            "processes; use a multiple of the process count.")
 
 
-def _check_fgm(fgm_cfg):
-  _require(fgm_cfg.weighting in fgm.WEIGHTINGS,
-           f"config.fgm.weighting={fgm_cfg.weighting!r} is unknown; choose one of "
-           f"{fgm.WEIGHTINGS}.")
-  _require(0 < fgm_cfg.t_star <= 1, f"config.fgm.t_star={fgm_cfg.t_star} must lie in (0, 1].")
-  _require(0 <= fgm_cfg.t_min < fgm_cfg.t_max <= 1,
-           f"config.fgm.t_min={fgm_cfg.t_min}, t_max={fgm_cfg.t_max}: need "
-           "0 <= t_min < t_max <= 1.")
-  _require(fgm_cfg.online_steps >= 1,
-           f"config.fgm.online_steps={fgm_cfg.online_steps} must be >= 1.")
-  for field in ("init_generator", "init_online"):
-    value = fgm_cfg[field]
-    _require(value in ("teacher", "random"),
-             f"config.fgm.{field}={value!r}: choose 'teacher' (the default) or 'random'.")
-
-
 def _check_teacher_checkpoint(teacher):
   path = teacher.workdir
   _require(bool(path), "config.teacher.workdir is empty; set it to the --workdir of a "
@@ -131,31 +117,43 @@ def validate(config, device_count=None):
   _check_trainer(config)
   if config.job == "compile" and device_count is None:
     return _check_compile(config)
-  if is_sd3_distill(config):
-    return _check_sd3_fgm(config, device_count)
   if config.trainer == "sd3_folder":
     return _check_sd3(config)
-  if is_distill(config):
+  if is_sd3_distill(config):
+    _check_sd3_fgm(config)
+  elif is_distill(config):
     _check_model_and_data(config.teacher.model, config.teacher.data, "config.teacher")
-    _check_fgm(config.fgm)
-    _check_optim(config.optim, "config.optim")
-    _check_optim(config.online_optim, "config.online_optim")
-    _check_optim(config.teacher.optim, "config.teacher.optim")
-    if config.job in TEACHER_JOBS:  # (the pipeline trains its own teacher first)
-      _check_teacher_checkpoint(config.teacher)
   else:
     _require(config.job not in ("distill", "pipeline", "export"),
              f"config.job={config.job!r} needs a distillation config with config.teacher and "
              "config.fgm (e.g. configs/toy2d_fgm.py); this one describes a teacher run.")
     _check_model_and_data(config.model, config.data, "config")
-    _check_optim(config.optim, "config.optim")
+  _check_training(config, device_count)
+
+
+def _check_training(config, device_count=None):
+  """What every training run shares, whatever its kind or teacher source: one path."""
+  sd3 = is_sd3_distill(config)
+  if is_distill(config):
+    _require_none(fgm.check_config(config.fgm))
+  if sd3:
+    _check_sd3_fgm_settings(config)
+  _require_none(optim.check_config(config.optim, "config.optim"))
+  if is_distill(config):
+    _require_none(optim.check_config(config.online_optim, "config.online_optim"))
+  if is_distill(config) and not sd3:  # a teacher run's checkpoint (the folder's is checked above)
+    _require_none(optim.check_config(config.teacher.optim, "config.teacher.optim"))
+    if config.job in TEACHER_JOBS:  # (the pipeline trains its own teacher first)
+      _check_teacher_checkpoint(config.teacher)
   _check_mesh(config.mesh, architecture(config)[0], device_count)
   check_batch(config.batch_size, _batch_devices(config, device_count))
   _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
-  _require(config.sample.steps >= 1, f"config.sample.steps={config.sample.steps} must be >= 1.")
-  _require(config.sample.method in flow.SAMPLERS,
-           f"config.sample.method={config.sample.method!r} is unknown; choose one of "
-           f"{sorted(flow.SAMPLERS)}.")
+  if not sd3:  # (an SD3 generator samples in one step: its sample section has no steps)
+    _require(config.sample.steps >= 1,
+             f"config.sample.steps={config.sample.steps} must be >= 1.")
+    _require(config.sample.method in flow.SAMPLERS,
+             f"config.sample.method={config.sample.method!r} is unknown; choose one of "
+             f"{sorted(flow.SAMPLERS)}.")
   _require(config.checkpoint.every >= 1,
            f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
 
@@ -206,8 +204,9 @@ def _check_sd3_folder(config):
            f"config.sd3.dtype={config.sd3.dtype!r}: choose 'float32' or 'bfloat16'.")
 
 
-def _check_sd3_fgm(config, device_count=None):
-  """SD3 FGM (configs/sd3_fgm.py): distill, sample (one step, or GenEval) and export."""
+def _check_sd3_fgm(config):
+  """SD3 FGM (configs/sd3_fgm.py): its jobs, the folder, the prompt cache and the MM-DiT's
+  run keys (distill, sample (one step, or GenEval) and export)."""
   _require(config.job in ("distill", "sample", "export", "compile"),
            f"config.job={config.job!r}: an SD3 FGM config runs 'distill', 'sample', 'export' "
            "or 'compile' (prompt caches come from configs/sd3_prompts.py).")
@@ -226,17 +225,15 @@ def _check_sd3_fgm(config, device_count=None):
   _require(bool(config.prompt_cache) or config.sd3.tiny_random or config.job != "distill",
            "config.prompt_cache is not set; write one with --config=configs/sd3_prompts.py "
            "(same sd3.folder) and pass --config.prompt_cache=<its workdir>.")
-  _check_fgm(config.fgm)
+  _check_model(config.teacher.model, "config.teacher")
+
+
+def _check_sd3_fgm_settings(config):
+  """What SD3 FGM asks beyond every FGM run: t*=1, no training pictures, image sizes."""
   _require(config.fgm.t_star == 1.0,
            f"config.fgm.t_star={config.fgm.t_star}: SD3 FGM uses t_star=1, the generator "
            "x0 = z - v(z, 1, c), one Euler step of diffusers' scheduler (what the exported "
            "pipeline runs).")
-  _require(config.fgm.guidance >= 1.0,
-           f"config.fgm.guidance={config.fgm.guidance} must be >= 1 (1: no guidance).")
-  for field, value in (("fgm.teacher_dtype", config.fgm.teacher_dtype),
-                       ("teacher.model.dtype", config.teacher.model.dtype)):
-    _require(value in ("float32", "bfloat16"),
-             f"config.{field}={value!r}: choose 'float32' or 'bfloat16'.")
   _require(config.log.plot_every == 0 and config.eval.fid.every == 0,
            f"config.log.plot_every={config.log.plot_every}, config.eval.fid.every="
            f"{config.eval.fid.every}: SD3 FGM runs draw no pictures or FID while training (their "
@@ -245,13 +242,6 @@ def _check_sd3_fgm(config, device_count=None):
   _require(config.resolution % 16 == 0 and config.resolution > 0,
            f"config.resolution={config.resolution} must be a positive multiple of 16 (the "
            "VAE's 8x downscale times the MM-DiT's 2x2 patches), e.g. 512.")
-  _check_optim(config.optim, "config.optim")
-  _check_optim(config.online_optim, "config.online_optim")
-  _check_mesh(config.mesh, config.teacher.model, device_count)
-  check_batch(config.batch_size, _batch_devices(config, device_count))
-  _require(config.num_steps >= 1, f"config.num_steps={config.num_steps} must be >= 1.")
-  _require(config.checkpoint.every >= 1,
-           f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
   s = config.sample
   _require(s.batch_size >= 1 and s.num >= 0 and s.images_per_prompt >= 1,
            f"config.sample: batch_size={s.batch_size}, images_per_prompt="
@@ -298,50 +288,3 @@ def architecture(config):
   if is_distill(config):
     return config.teacher.model, config.teacher.data
   return config.model, config.data
-
-
-def compare_with_saved(config, saved: dict, workdir: str):
-  """Stops when ``workdir`` holds a checkpoint from a config whose state would not fit."""
-  prefix = "config.teacher" if is_distill(config) else "config"
-  diffs = _diff(_without_free_fields(saved.get("fingerprint", {})), fingerprint(config),
-                prefix)
-  if diffs:
-    lines = "\n  ".join(diffs)
-    raise ConfigError(
-        f"--workdir={workdir} holds a checkpoint from an incompatible config:\n  {lines}\n"
-        "Use a new --workdir for this config, or set those fields back to the saved values "
-        f"(the saved config is {os.path.join(workdir, 'config.json')}).")
-
-
-# Fields that change how a state is computed or where data is read, not what the state
-# holds: a float32 teacher distils in bfloat16, a run moves to another data folder. (image_key
-# and label_key joined the tfds configs later: runs saved before them still resume.)
-NOT_IN_FINGERPRINT = {"model": ("dtype", "remat", "attention_impl"),
-                      "data": ("data_dir", "manual_dir", "image_key", "label_key")}
-
-
-def fingerprint(config) -> dict:
-  model, data = architecture(config)
-  return _without_free_fields({"kind": run_kind(config),
-                               "model": model.to_dict(), "data": data.to_dict()})
-
-
-def _without_free_fields(fp: dict) -> dict:
-  return {k: ({f: v for f, v in part.items() if f not in NOT_IN_FINGERPRINT.get(k, ())}
-              if isinstance(part, dict) else part) for k, part in fp.items()}
-
-
-def _diff(saved, current, prefix="config"):
-  out = []
-  for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-    name = "checkpoint kind" if key == "kind" else f"{prefix}.{key}"
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _diff(a, b, name)
-    elif _norm(a) != _norm(b):
-      out.append(f"{name}: checkpoint has {a!r}, this config has {b!r}")
-  return out
-
-
-def _norm(v):
-  return list(v) if isinstance(v, tuple) else v

@@ -24,6 +24,31 @@ WEIGHTINGS = ("sid_norm", "uniform")
 # alpha = 1: the term the FGM paper trains with; 0.5: half its exact "L1 + L2" identity;
 # 1.2: SiD's choice. Any float is accepted; these are the documented ones.
 DOCUMENTED_ALPHAS = (0.5, 1.0, 1.2)
+TEACHER_DTYPES = ("float32", "bfloat16")
+
+
+def check_config(fgm_config):
+  """What is wrong with config.fgm, as one message naming the field and the fix, or None.
+
+  Beside the losses so that an option is checked where it is defined; a plain function of
+  the values (no config-checking import), as the data modules' check_config.
+  """
+  c = fgm_config
+  checks = [
+      (c.weighting in WEIGHTINGS,
+       f"config.fgm.weighting={c.weighting!r} is unknown; choose one of {WEIGHTINGS}."),
+      (0 < c.t_star <= 1, f"config.fgm.t_star={c.t_star} must lie in (0, 1]."),
+      (0 <= c.t_min < c.t_max <= 1,
+       f"config.fgm.t_min={c.t_min}, t_max={c.t_max}: need 0 <= t_min < t_max <= 1."),
+      (c.online_steps >= 1, f"config.fgm.online_steps={c.online_steps} must be >= 1."),
+      *[(c[f] in ("teacher", "random"),
+         f"config.fgm.{f}={c[f]!r}: choose 'teacher' (the default) or 'random'.")
+        for f in ("init_generator", "init_online")],
+      (c.guidance >= 1.0, f"config.fgm.guidance={c.guidance} must be >= 1 (1: no guidance)."),
+      (c.teacher_dtype in TEACHER_DTYPES,
+       f"config.fgm.teacher_dtype={c.teacher_dtype!r}: choose 'float32' or 'bfloat16'."),
+  ]
+  return next((message for ok, message in checks if not ok), None)
 
 
 def _per_example_mean(x):

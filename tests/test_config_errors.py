@@ -6,6 +6,7 @@ import sys
 import jax
 import pytest
 
+from fgm_jax import checkpoint_compat
 from fgm_jax import config_checks
 from fgm_jax import main as main_lib
 from fgm_jax.train import loop
@@ -102,6 +103,17 @@ def test_unknown_fgm_weighting(tmp_path, no_compile):
   _expect(c, tmp_path, "config.fgm.weighting='snr'", "sid_norm")
 
 
+@pytest.mark.parametrize("field, value, fragment", [
+    ("guidance", 0.5, "config.fgm.guidance=0.5 must be >= 1"),
+    ("teacher_dtype", "float16", "config.fgm.teacher_dtype='float16': choose 'float32'")])
+def test_fgm_settings_every_kind_reads(tmp_path, no_compile, field, value, fragment):
+  """Checked for every FGM run (fgm.check_config), not only SD3's: the generic trainer reads
+  them too."""
+  c = helpers.tiny_fgm_config(str(tmp_path))
+  c.fgm[field] = value
+  _expect(c, tmp_path, fragment)
+
+
 def test_mesh_that_does_not_fit_the_devices(tmp_path, no_compile):
   c = helpers.tiny_teacher_config()
   c.mesh.fsdp = 3
@@ -132,15 +144,15 @@ def test_compute_only_fields_do_not_make_a_checkpoint_incompatible(tmp_path):
   a changed width is still refused. Old fingerprints that hold those fields still match."""
   from configs import cifar10_fgm
   saved = cifar10_fgm.get_config("rf_teacher")
-  meta = {"fingerprint": {**config_checks.fingerprint(saved),
+  meta = {"fingerprint": {**checkpoint_compat.fingerprint(saved),
                           "model": saved.teacher.model.to_dict()}}  # as older runs saved it
   c = cifar10_fgm.get_config("rf_teacher")
   c.teacher.model.dtype, c.teacher.model.remat = "bfloat16", True
   c.teacher.data.data_dir = "/elsewhere"
-  config_checks.compare_with_saved(c, meta, str(tmp_path))
+  checkpoint_compat.compare_with_saved(c, meta, str(tmp_path))
   c.teacher.model.model_channels = 64
   with pytest.raises(config_checks.ConfigError, match="config.teacher.model.model_channels"):
-    config_checks.compare_with_saved(c, meta, str(tmp_path))
+    checkpoint_compat.compare_with_saved(c, meta, str(tmp_path))
 
 
 def test_command_line_prints_one_clear_line(tmp_path):

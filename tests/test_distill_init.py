@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fgm_jax import config_checks
+from fgm_jax import fgm
 from fgm_jax import parallel
 from fgm_jax.train import trainers
 from tests import helpers
@@ -41,5 +42,6 @@ def test_default_starts_both_nets_at_the_teacher_and_random_starts_differ():
 def test_unknown_choice_is_refused():
   c = helpers.tiny_fgm_config("unused")
   c.fgm.init_online = "zeros"
+  assert "config.fgm.init_online='zeros'" in fgm.check_config(c.fgm)
   with pytest.raises(config_checks.ConfigError, match="init_online='zeros'"):
-    config_checks._check_fgm(c.fgm)
+    config_checks.validate(c)

@@ -41,6 +41,7 @@ import torch
 from configs import cifar10_fgm
 from configs import cifar10_teacher
 from fgm_jax import checkpoint
+from fgm_jax import checkpoint_compat
 from fgm_jax import config_checks
 from fgm_jax import parallel
 from fgm_jax.convert import common
@@ -174,7 +175,7 @@ def test_workdir_records_config_and_provenance(converted):
   # config.json as run_dir.prepare_workdir writes it.
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
-  want = json.loads(json.dumps(config_checks.fingerprint(_teacher_config())))
+  want = json.loads(json.dumps(checkpoint_compat.fingerprint(_teacher_config())))
   assert saved["fingerprint"] == want
   with open(os.path.join(workdir, rectified_flow.PROVENANCE_NAME)) as f:
     prov = json.load(f)

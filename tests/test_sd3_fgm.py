@@ -300,6 +300,10 @@ def test_bad_inputs_stop_with_one_line(inputs, tmp_path):
          "FluxTransformer2DModel")
   for field, value, needle in (("fgm.t_star", 0.5, "t_star=1"),
                                ("fgm.guidance", 0.5, "must be >= 1"),
+                               ("fgm.teacher_dtype", "float16", "fgm.teacher_dtype='float16'"),
+                               ("teacher.model.dtype", "float16",
+                                "config.teacher.model.dtype='float16': choose"),
+                               ("teacher.model.remat", "some", "config.teacher.model.remat="),
                                ("resolution", 24, "multiple of 16")):
     with pytest.raises(config_checks.ConfigError, match=needle):
       config_checks.validate(fgm_config(inputs, **{field: value}))

@@ -10,6 +10,8 @@ A model module may also define, and the trainers use when present:
     default of ``config.mesh.rules``; models without logical names shard by shape.
   * ``example_cond(model_config, batch)``: dummy conditioning for init (models that need one).
   * ``FROZEN_PARAMS``: top-level parameter groups loaded from checkpoints but never trained.
+  * ``check_config(model_config)``: what is wrong with its config section, or None (for the
+    up-front checks, config_checks.py).
 """
 
 from fgm_jax import registry
@@ -44,6 +46,13 @@ def sharding_rules(mesh_config, model_config):
   """The logical-axis rules of a run: config.mesh.rules when given, else the model's own."""
   rules = mesh_config.rules or logical_rules(model_config, mesh_config.tensor > 1)
   return tuple(tuple(r) for r in rules)
+
+
+def config_problem(model_config):
+  """What is wrong with a model config (its module's check_config), as one message, or None."""
+  module = registry.module(_REGISTRY, model_config.name, _FIELD)
+  check = getattr(module, "check_config", None)
+  return None if check is None else check(model_config)
 
 
 def example_cond(model_config, batch: int):

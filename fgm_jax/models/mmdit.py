@@ -496,7 +496,7 @@ class MMDiT(nn.Module):
   def inner_dim(self):
     return self.num_attention_heads * self.attention_head_dim
 
-  def _check(self):
+  def _check(self):  # the architecture's own fields, known once the folder is read
     if self.caption_projection_dim != self.inner_dim:
       raise ValueError(
           f"caption_projection_dim={self.caption_projection_dim} must equal "
@@ -504,10 +504,9 @@ class MMDiT(nn.Module):
           "shares the joint attention's width.")
     if self.qk_norm not in (None, "rms_norm"):
       raise ValueError(f"qk_norm={self.qk_norm!r} is not supported; use None or 'rms_norm'.")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise ValueError(f"attention_impl={self.attention_impl!r}; use 'xla' or 'cudnn'.")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"remat={self.remat!r}; use 'none', 'full' or 'dots'.")
+    problem = _run_keys_problem(self.attention_impl, self.remat)
+    if problem:
+      raise ValueError(problem)
 
   def _block_class(self, scanned=False):
     if self.remat == "none":
@@ -634,6 +633,24 @@ def from_diffusers_config(config, dtype=jnp.float32, attention_impl="xla", remat
 
 # config.model fields besides diffusers' keys (scan_layers also decides the params layout).
 _RUN_KEYS = ("dtype", "attention_impl", "remat", "scan_layers")
+DTYPES = ("float32", "bfloat16")
+
+
+def _run_keys_problem(attention_impl, remat):
+  if attention_impl not in ("xla", "cudnn"):
+    return f"attention_impl={attention_impl!r}; use 'xla' or 'cudnn'."
+  if remat not in ("none", "full", "dots"):
+    return f"remat={remat!r}; use 'none', 'full' or 'dots'."
+  return None
+
+
+def check_config(model_config):
+  """What is wrong with config.model's run keys (the diffusers keys come from a folder at run
+  time and are checked by MMDiT._check), as 'model.<field>=...' or None; for config_checks."""
+  if model_config.dtype not in DTYPES:
+    return f"model.dtype={model_config.dtype!r}: choose 'float32' or 'bfloat16'."
+  problem = _run_keys_problem(model_config.attention_impl, model_config.remat)
+  return problem and "model." + problem
 
 
 def from_config(model_config):

@@ -9,6 +9,20 @@ import jax
 import optax
 
 
+def check_config(optim_config, field: str):
+  """What is wrong with the optim section at ``field`` (e.g. 'config.optim'), or None."""
+  o = optim_config
+  checks = [
+      (o.lr > 0, f"{field}.lr={o.lr} must be > 0; e.g. --{field}.lr=1e-4."),
+      (0 <= o.b1 < 1 and 0 <= o.b2 < 1,
+       f"{field}.b1={o.b1}, {field}.b2={o.b2} must lie in [0, 1)."),
+      (0 <= o.ema_decay < 1,
+       f"{field}.ema_decay={o.ema_decay} must lie in [0, 1); 0 disables the EMA."),
+      (o.warmup_steps >= 0, f"{field}.warmup_steps={o.warmup_steps} must be >= 0."),
+  ]
+  return next((message for ok, message in checks if not ok), None)
+
+
 def learning_rate_schedule(optim_config):
   lr = optim_config.lr
   warmup = optim_config.warmup_steps

@@ -8,6 +8,7 @@ and export reach a run's state without importing the loop.
 from absl import logging
 
 from fgm_jax import checkpoint
+from fgm_jax import checkpoint_compat
 from fgm_jax import config_checks
 from fgm_jax import distributed
 from fgm_jax import parallel
@@ -18,7 +19,7 @@ from fgm_jax.train import trainers
 def meta(config, step):
   """The metadata saved beside each checkpoint (and read back by compare_with_saved)."""
   return {"step": int(step), "data_position": int(step), "job": config.job,
-          "fingerprint": config_checks.fingerprint(config), "config": config.to_dict()}
+          "fingerprint": checkpoint_compat.fingerprint(config), "config": config.to_dict()}
 
 
 def prepare_workdir(config, workdir):
@@ -33,12 +34,12 @@ def prepare_workdir(config, workdir):
       saved = checkpoint.read_meta(ckpt_dir, step)
     except checkpoint.CheckpointCorruptError:
       continue
-    config_checks.compare_with_saved(config, saved, workdir)
+    checkpoint_compat.compare_with_saved(config, saved, workdir)
     break
   checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
   if distributed.is_writer():
     checkpoint.write_json(str(checkpoint.as_path(workdir) / "config.json"),
-                          {"fingerprint": config_checks.fingerprint(config),
+                          {"fingerprint": checkpoint_compat.fingerprint(config),
                            "config": config.to_dict()})
 
 
@@ -103,7 +104,7 @@ def restore_latest(config, workdir, mesh=None):
         f"--workdir={workdir} holds no checkpoint (looked in {ckpt_dir}). Train first with "
         f"--config.job={config_checks.run_kind(config)} and the same --workdir, or point "
         "--workdir at a finished run.")
-  config_checks.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
+  checkpoint_compat.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
   trainer = trainers.build(config, mesh)
   mgr = checkpoint.manager(ckpt_dir, async_save=False)
   state, _ = restore_or_init(trainer, mgr, step)

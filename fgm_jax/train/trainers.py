@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import jax
 
 from fgm_jax import checkpoint
-from fgm_jax import config_checks
+from fgm_jax import checkpoint_compat
 from fgm_jax import data as data_lib
 from fgm_jax import models
 from fgm_jax import parallel
@@ -373,7 +373,7 @@ def restore_teacher_params(teacher_layout: TeacherTrainer, teacher_config):
         f"config.teacher.workdir={teacher_config.workdir!r}: no teacher checkpoint in "
         f"{ckpt_dir}; train the teacher first.")
   saved = checkpoint.read_meta(ckpt_dir, step)
-  config_checks.compare_with_saved(teacher_layout.config, saved, teacher_config.workdir)
+  checkpoint_compat.compare_with_saved(teacher_layout.config, saved, teacher_config.workdir)
   mgr = checkpoint.manager(ckpt_dir, async_save=False)
   target = checkpoint.abstract_with_shardings(teacher_layout.abstract_state,
                                               teacher_layout.shardings)

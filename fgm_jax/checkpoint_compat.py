@@ -1,0 +1,55 @@
+"""Whether a workdir's checkpoint fits a config: the fingerprint saved beside each checkpoint
+(train/run_dir.py) and the comparison that refuses an incompatible one, next to checkpoint.py.
+"""
+
+import os
+
+from fgm_jax import config_checks
+from fgm_jax.config_checks import ConfigError
+
+
+def compare_with_saved(config, saved: dict, workdir: str):
+  """Stops when ``workdir`` holds a checkpoint from a config whose state would not fit."""
+  prefix = "config.teacher" if config_checks.is_distill(config) else "config"
+  diffs = _diff(_without_free_fields(saved.get("fingerprint", {})), fingerprint(config),
+                prefix)
+  if diffs:
+    lines = "\n  ".join(diffs)
+    raise ConfigError(
+        f"--workdir={workdir} holds a checkpoint from an incompatible config:\n  {lines}\n"
+        "Use a new --workdir for this config, or set those fields back to the saved values "
+        f"(the saved config is {os.path.join(workdir, 'config.json')}).")
+
+
+# Fields that change how a state is computed or where data is read, not what the state
+# holds: a float32 teacher distils in bfloat16, a run moves to another data folder. (image_key
+# and label_key joined the tfds configs later: runs saved before them still resume.)
+NOT_IN_FINGERPRINT = {"model": ("dtype", "remat", "attention_impl"),
+                      "data": ("data_dir", "manual_dir", "image_key", "label_key")}
+
+
+def fingerprint(config) -> dict:
+  model, data = config_checks.architecture(config)
+  return _without_free_fields({"kind": config_checks.run_kind(config),
+                               "model": model.to_dict(), "data": data.to_dict()})
+
+
+def _without_free_fields(fp: dict) -> dict:
+  return {k: ({f: v for f, v in part.items() if f not in NOT_IN_FINGERPRINT.get(k, ())}
+              if isinstance(part, dict) else part) for k, part in fp.items()}
+
+
+def _diff(saved, current, prefix="config"):
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    name = "checkpoint kind" if key == "kind" else f"{prefix}.{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, name)
+    elif _norm(a) != _norm(b):
+      out.append(f"{name}: checkpoint has {a!r}, this config has {b!r}")
+  return out
+
+
+def _norm(v):
+  return list(v) if isinstance(v, tuple) else v
