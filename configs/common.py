@@ -171,11 +171,17 @@ def sd3_run(job, variant):
   c.trainer = "sd3_folder"
   c.seed = 0
   c.mesh = mesh()
-  c.sd3 = sd3()
-  c.prompts = ml_collections.config_dict.placeholder(str)
   c.aot = aot()
   c.compilation_cache = compilation_cache()
-  if "runlocal" in words:  # tiny random SD3 components built on the fly: a CPU smoke run
+  return sd3_inputs(c, words), words
+
+
+def sd3_inputs(c, words):
+  """Adds what every SD3 config reads (the folder, a prompt file) to ``c``; ':runlocal' in
+  ``words``: tiny random SD3 components built on the fly, a CPU smoke run."""
+  c.sd3 = sd3()
+  c.prompts = ml_collections.config_dict.placeholder(str)
+  if "runlocal" in words:
     c.sd3.tiny_random = True
     c.sd3.t5_length = 32
-  return c, words
+  return c

@@ -38,8 +38,8 @@ from configs import common
 
 
 def get_config(variant=""):
-  c, words = common.sd3_run("distill", variant)
-  c.trainer = "sd3_fgm"
+  words = common.parse_variant(variant, ("runlocal",))
+  c = common.sd3_inputs(common.base("distill", "sd3_fgm"), words)
   # A prompt cache folder (configs/sd3_prompts.py) for distillation; config.prompts (a file)
   # for job=sample. ':runlocal' builds both from the tiny folder.
   c.prompt_cache = ml_collections.config_dict.placeholder(str)
@@ -59,10 +59,7 @@ def get_config(variant=""):
       teacher_dtype="bfloat16"))
   c.optim = common.optim(lr=1e-5, b1=0.0, b2=0.999)  # generator
   c.online_optim = common.optim(lr=1e-5, b1=0.0, b2=0.999)
-  base = common.base("distill", "sd3_fgm")
-  c.checkpoint = base.checkpoint
   c.checkpoint.every = 500
-  c.log = base.log
   c.log.every = 10
   c.eval = ml_collections.ConfigDict(dict(fid=dict(every=0)))  # GenEval instead (job=sample)
   # job=sample: one step, no CFG (the generator has it built in). geneval: the path of
@@ -72,17 +69,13 @@ def get_config(variant=""):
       geneval=ml_collections.config_dict.placeholder(str), images_per_prompt=4))
   # job=export: a diffusers folder; the teacher folder's other parts are hard-linked where
   # the file system allows (else copied).
-  c.export = ml_collections.ConfigDict(dict(
-      output=ml_collections.config_dict.placeholder(str), use_ema=True, dtype="float32"))
+  c.export.dtype = "float32"
   if "runlocal" in words:
+    common.runlocal(c, batch_size=8)  # 3 steps, a checkpoint and a log line each
     c.resolution = 16
-    c.batch_size = 8
     c.teacher.model.dtype = "float32"
     c.teacher.model.remat = "none"
     c.fgm.teacher_dtype = "float32"
     c.fgm.guidance = 3.0
-    c.num_steps = 3
-    c.checkpoint.every = 3
-    c.log.every = 1
     c.sample.batch_size = 8
   return c
