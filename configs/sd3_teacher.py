@@ -6,7 +6,7 @@
 
 Writes <workdir>/images/<prompt index>_seed<seed>.png and <workdir>/grid.png. The sampler is
 diffusers' (Euler on FlowMatchEulerDiscreteScheduler's grid with the folder's shift, 3.0 for
-SD3, and classifier-free guidance; tests/test_sd3_sampler.py checks equality).
+SD3, and classifier-free guidance; tests/parity/test_sd3_sampler.py checks equality).
 Variants: 'runlocal' (tiny random components built offline into <workdir>/tiny_sd3).
 Provenance: 28 steps and guidance 7.0 are diffusers' StableDiffusion3Pipeline defaults.
 """

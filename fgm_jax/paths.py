@@ -3,7 +3,7 @@
 etils' ``epath`` does the work for both. For gs:// it is told to use gcsfs (fsspec), not
 TensorFlow's GCS file system, which it would pick whenever TensorFlow is installed: gcsfs
 follows ``STORAGE_EMULATOR_HOST``, so the code that talks to a real bucket is the code tested
-against a GCS emulator (tests/test_gcs_bucket.py), while TensorFlow's has Google's endpoint
+against a GCS emulator (tests/integration/test_gcs_bucket.py), while TensorFlow's has Google's endpoint
 compiled in and cannot be pointed anywhere else. ``EPATH_USE_TF=true`` in the environment
 gives TensorFlow's back. TensorBoard event files are written through this layer too
 (``MirroredWriter``), since TensorFlow's summary writer would reach the bucket on its own.

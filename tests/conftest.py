@@ -11,7 +11,7 @@ from tests import xla_flags  # noqa: E402  (imports nothing)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                            xla_flags.for_devices(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# libtpu is installed for the TPU compile tests (tests/test_aot.py); without this every jax
+# libtpu is installed for the TPU compile tests (tests/unit/test_aot.py); without this every jax
 # start would try to open a TPU first. Compiling for a TPU topology does not need it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -32,7 +32,7 @@ torchvision_without_ops.install()
 def sd3_tiny(tmp_path_factory):
   """(folder, diffusers pipeline) of one tiny random SD3 folder, shared by the SD3 tests
   (building it imports torch/diffusers and writes seven components: once is enough)."""
-  from tests import sd3_reference
+  from tests.parity.reference import sd3_reference
   folder = str(tmp_path_factory.mktemp("sd3_tiny") / "sd3")
   return folder, sd3_reference.build_pipeline(folder)
 
@@ -106,18 +106,31 @@ FILE_SECONDS = {
     "test_rectified_flow_import.py": 41,
     "test_digits_metric.py": 35,
     "test_checkpoint_faults.py": 33,
-    "test_fid.py": 29,
-    "test_inception_parity.py": 29,
-    "test_mmdit_sharding.py": 26,
-    "test_notebook.py": 23,
-    "test_sd3_text.py": 21,
+    "test_fid.py": 40,
+    "test_inception_parity.py": 35,
+    "test_mmdit_sharding.py": 30,
+    "test_notebook.py": 30,
+    "test_sd3_text.py": 30,
     "test_mnist5k.py": 57,
     "test_gcs_bucket.py": 35,
+    "test_aot.py": 70,  # 2026-12-06: the TPU compiles and the cache restart
 }
 DEFAULT_FILE_SECONDS = 15
 
 
+# Files at or above this many seconds are marked `slow`: `-m "not slow"` is the fast subset
+# to run while working (README), the whole suite what CI runs.
+SLOW_FILE_SECONDS = 30
+KINDS = ("unit", "parity", "integration")  # tests/<kind>/: also the test's marker
+
+
 def pytest_collection_modifyitems(config, items):
   weight = lambda item: FILE_SECONDS.get(item.path.name, DEFAULT_FILE_SECONDS)
+  for item in items:
+    kind = item.path.parent.name
+    if kind in KINDS:
+      item.add_marker(kind)
+    if weight(item) >= SLOW_FILE_SECONDS:
+      item.add_marker("slow")
   items.sort(key=weight, reverse=True)  # stable: tests keep their order within a file
 

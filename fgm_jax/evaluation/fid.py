@@ -14,7 +14,7 @@ Conventions that move FID by more than the differences papers report, fixed here
 * The network is pytorch-fid's FID Inception (``inception.py``), bilinear resize to 299 without
   antialiasing, 2048-d pool3 features.
 * Statistics in float64; covariance unbiased (N - 1), as ``np.cov``; the distance is
-  ``frechet.frechet_distance`` (checked against pytorch-fid's in tests/test_fid.py).
+  ``frechet.frechet_distance`` (checked against pytorch-fid's in tests/unit/test_fid.py).
 * Reference statistics are an ``.npz`` with ``mu`` (2048,) and ``sigma`` (2048, 2048), the
   format pytorch-fid writes (``--save-stats``) and EDM publishes (``cifar10-32x32.npz``), or
   are computed here from a tfds split and cached in the same format.

@@ -79,7 +79,7 @@ def _interp_weights(in_size: int, out_size: int):
 
   Rounded as ATen's CPU kernel rounds for float images: the scale in float32, the source
   position as one fused multiply-add (exact in float64, then rounded once to float32). The
-  weights then equal torch's bit for bit (tests/test_inception_parity.py).
+  weights then equal torch's bit for bit (tests/parity/test_inception_parity.py).
   """
   f32 = np.float32
   scale = f32(in_size) / f32(out_size)

@@ -49,7 +49,7 @@ Parameter paths mirror EDM's module names, so an EDM import is mechanical too: E
 ``enc.16x16_block0.conv0.weight`` is our ``enc_16x16_block0/conv0/kernel``, ``dec.32x32_aux_conv``
 is ``dec_32x32_aux_conv``, ``map_layer0.weight`` is ``map_layer0/kernel``, GroupNorm ``weight``
 is ``scale``, and NCSN++'s ``map_noise.freqs`` buffer is the ``map_noise/freqs`` parameter.
-tests/test_unet.py checks one attention block against EDM's block semantics in PyTorch.
+tests/unit/test_unet.py checks one attention block against EDM's block semantics in PyTorch.
 
 Velocity-net contract (fgm_jax/models/__init__.py):
 ``module.apply(variables, x, t, cond=None, train=False, rngs={'dropout': key})``, ``x`` NHWC,
@@ -69,7 +69,7 @@ every convolution and matmul takes bfloat16 operands (weights cast on the fly); 
 statistics, the attention logits and softmax (a bfloat16 matmul accumulated in float32), the
 mapping network (time / label embedding) and the output scaling are float32, and the output has
 the input's dtype (float32 in every training step), so the losses are float32 too.
-tests/test_mixed_precision.py checks 200 bfloat16 FGM iterations against float32 ones. The Fourier frequencies are a parameter ('map_noise/freqs'), as in
+tests/unit/test_mixed_precision.py checks 200 bfloat16 FGM iterations against float32 ones. The Fourier frequencies are a parameter ('map_noise/freqs'), as in
 score_sde's Flax code, held fixed by a stop_gradient; they receive no gradient, but exclude them
 from weight decay if you use it. Initialisation follows EDM's SongUNet (Xavier-uniform, the
 last conv of every residual branch and the output conv scaled by 1e-5, attention qkv by

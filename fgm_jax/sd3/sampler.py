@@ -5,7 +5,7 @@
 
 ``sample_latents`` and ``decode`` are pure functions (jit and shard like everything else);
 with the same initial latents they give what ``StableDiffusion3Pipeline`` gives
-(tests/test_sd3_sampler.py). ``run`` is job=sample for an SD3 config (configs/sd3_teacher.py):
+(tests/parity/test_sd3_sampler.py). ``run`` is job=sample for an SD3 config (configs/sd3_teacher.py):
 PNGs named by prompt index and seed, plus a grid.
 """
 

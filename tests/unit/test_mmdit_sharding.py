@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from fgm_jax.convert import common  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
-from tests.mmdit_reference import random_params  # noqa: E402
+from tests.parity.reference.mmdit_reference import random_params  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,

@@ -1,5 +1,5 @@
 """Import of RectifiedFlow's CIFAR-10 teacher (fgm_jax/convert/rectified_flow.py) against an
-independent PyTorch NCSN++ (tests/rf_reference.py), on random weights.
+independent PyTorch NCSN++ (tests/parity/reference/rf_reference.py), on random weights.
 
 (a) every key and shape of the published network equals the reference's state dict;
 (b) the converted narrow network gives the reference's velocity, v = -u(x, 999 (1 - t));
@@ -51,7 +51,7 @@ from fgm_jax.models import unet
 from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
 from tests import helpers
-from tests import rf_reference
+from tests.parity.reference import rf_reference
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(3, 32, 32, 3)).astype(np.float32)

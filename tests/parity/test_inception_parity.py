@@ -2,7 +2,7 @@
 
 Reference: pytorch-fid 0.3.0 (PyPI) building its FID ``InceptionV3`` (output block 3,
 resize to 299, ``2x - 1``, the FIDInceptionA/C/E_1/E_2 blocks) with random weights in place
-of its download (tests/inception_reference.py). Its state dict, saved with ``torch.save``,
+of its download (tests/parity/reference/inception_reference.py). Its state dict, saved with ``torch.save``,
 goes through the real path: ``python -m fgm_jax.convert.inception`` (in-process) ->
 safetensors -> ``inception.load_params`` -> ``inception.pool_features``; features are
 compared on random uint8 images at 32x32 (upsampled to 299), 299x299 (no resize) and
@@ -33,7 +33,7 @@ import safetensors.numpy  # noqa: E402
 from fgm_jax.convert import common  # noqa: E402
 from fgm_jax.convert import inception as convert  # noqa: E402
 from fgm_jax.evaluation import inception  # noqa: E402
-from tests import inception_reference  # noqa: E402
+from tests.parity.reference import inception_reference  # noqa: E402
 
 TOL = 1e-4  # max |ours - torch| / max |torch|, fp32
 BATCH = 2

@@ -18,7 +18,7 @@ from fgm_jax.convert import common  # noqa: E402
 from fgm_jax.convert import diffusers as dconv  # noqa: E402
 from fgm_jax.convert import mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
-from tests.mmdit_reference import random_inputs, torch_forward  # noqa: E402
+from tests.parity.reference.mmdit_reference import random_inputs, torch_forward  # noqa: E402
 
 CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
               num_attention_heads=3, joint_attention_dim=10, caption_projection_dim=24,

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from fgm_jax.evaluation import geneval
+from tests import helpers
 
-REAL_METADATA = os.path.join(os.path.dirname(__file__), "..", geneval.DEFAULT_METADATA)
+REAL_METADATA = os.path.join(helpers.ROOT, geneval.DEFAULT_METADATA)
 NUM_PROMPTS, PER_PROMPT, H, W = 10, 4, 6, 10  # H != W: a transposed image would show
 
 

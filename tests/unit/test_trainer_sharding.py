@@ -17,7 +17,7 @@ from fgm_jax import parallel
 from fgm_jax.data import arrays
 from fgm_jax.models import mmdit
 from fgm_jax.train import trainers
-from tests.mmdit_reference import random_params
+from tests.parity.reference.mmdit_reference import random_params
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8,
                                 reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8")

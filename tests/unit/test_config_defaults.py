@@ -10,7 +10,7 @@ with keys that are not our sections.
 
 import ast
 
-from tests.test_import_graph import module_files
+from tests.unit.test_import_graph import module_files
 
 SECTIONS = {"config", "model", "data", "eval", "fid", "sample", "fgm", "teacher", "optim",
             "online_optim", "log", "checkpoint", "mesh", "sd3", "aot", "export", "flow",

@@ -11,7 +11,7 @@ run in their order. Attribute names and registration order are the checkpoint fo
 computations are written here from the layer descriptions, not from their code.
 
 Why not diffusers' ``UNet2DModel``: it expresses neither the BigGAN resampling blocks nor the
-decoder attention of this layout (see tests/test_rectified_flow_import.py's module docstring).
+decoder attention of this layout (see tests/parity/test_rectified_flow_import.py's module docstring).
 
     model = NCSNpp(**NARROW)                       # two levels, attention at 16x16
     randomize_(model, seed=0)                      # every tensor, the zero-initialised ones too

@@ -16,7 +16,7 @@ from fgm_jax import parallel
 from fgm_jax.convert import common as convert_common
 from fgm_jax.sd3 import prompt_cache
 from fgm_jax.sd3 import text
-from tests import sd3_reference as ref
+from tests.parity.reference import sd3_reference as ref
 
 pytest.importorskip("torch")
 NUM_PROMPTS, SHARD = 10, 4  # 3 shards, the last one short

@@ -23,7 +23,7 @@ from fgm_jax import main as main_lib  # noqa: E402
 from fgm_jax.convert import inception as convert_inception  # noqa: E402
 from fgm_jax.convert import rectified_flow  # noqa: E402
 from fgm_jax.evaluation import inception  # noqa: E402
-from tests import rf_reference  # noqa: E402
+from tests.parity.reference import rf_reference  # noqa: E402
 
 NUM_SAMPLES = 128
 

@@ -1,7 +1,7 @@
 """tests/extra_env.py: the package set of an extra, read from pyproject.toml as pip reads it.
 
 The SD3 export test runs the exported folder in the [diffusers] extra's environment
-(tests/test_sd3_fgm.py); these check that the environment is the extra's and nothing else,
+(tests/integration/test_sd3_fgm.py); these check that the environment is the extra's and nothing else,
 and that a pin the test environment does not meet stops the build instead of testing
 other versions."""
 

@@ -11,7 +11,7 @@ from fgm_jax import flow
 from fgm_jax.sd3 import sampler
 from fgm_jax.sd3 import text
 from tests import helpers
-from tests import sd3_reference as ref
+from tests.parity.reference import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
 STEPS, GUIDANCE, T5_LENGTH = 4, 4.5, 32

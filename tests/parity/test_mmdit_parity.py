@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from fgm_jax.convert import diffusers as dconv  # noqa: E402
 from fgm_jax.convert import mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
-from tests.mmdit_reference import random_inputs, torch_forward  # noqa: E402
+from tests.parity.reference.mmdit_reference import random_inputs, torch_forward  # noqa: E402
 
 RTOL = 1e-5  # fp32: max |ours - torch| / max |torch|
 

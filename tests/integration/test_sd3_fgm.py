@@ -28,7 +28,7 @@ from fgm_jax.train import run_dir
 from tests import extra_env
 from tests import helpers
 from tests import xla_flags
-from tests import sd3_reference as ref
+from tests.parity.reference import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
 T5_LENGTH = 32

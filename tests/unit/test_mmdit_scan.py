@@ -25,7 +25,7 @@ from configs import common as configs  # noqa: E402
 from fgm_jax import models, parallel  # noqa: E402
 from fgm_jax.convert import common, mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
-from tests.mmdit_reference import random_inputs, random_params  # noqa: E402
+from tests.parity.reference.mmdit_reference import random_inputs, random_params  # noqa: E402
 
 # Three blocks, one scan: the last (context_pre_only) block runs in it as a padded full block.
 PLAIN = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fgm_jax.sd3 import text
-from tests import sd3_reference as ref
+from tests.parity.reference import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
 TOL = 1e-5

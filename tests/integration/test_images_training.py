@@ -40,7 +40,7 @@ def _assert_trees_close(a, b, rtol, atol):
 
 def test_cifar10_runlocal_teacher_on_mock_data(tmp_path):
   # Distilling a CIFAR-10 teacher (cifar10_fgm.py) is covered end to end, with FID, by
-  # tests/test_cifar10_rf_fid.py; this is the teacher's tfds path.
+  # tests/parity/test_cifar10_rf_fid.py; this is the teacher's tfds path.
   tfds = pytest.importorskip("tensorflow_datasets")
   teacher = cifar10_teacher.get_config("runlocal")
   config_checks.validate(teacher)
