@@ -37,6 +37,21 @@ def tiny_fgm_config(teacher_workdir, num_steps=20, every=10):
   return c
 
 
+def tiny_pipeline_config(teacher_steps, teacher_every, fgm_steps, num_samples):
+  """job=pipeline on the tiny toy configs: the teacher stage trains with tiny_teacher_config's
+  settings, the FGM stage with tiny_fgm_config's."""
+  c = tiny_fgm_config("set-by-the-pipeline", num_steps=fgm_steps, every=10)
+  teacher = tiny_teacher_config(num_steps=teacher_steps, every=teacher_every)
+  with c.teacher.unlocked():
+    c.teacher.num_steps = teacher.num_steps
+    c.teacher.batch_size = teacher.batch_size
+    c.teacher.checkpoint = teacher.checkpoint
+    c.teacher.log = teacher.log
+  c.job = "pipeline"
+  c.eval.num_samples = num_samples
+  return c
+
+
 def overrides(config, prefix="--config."):
   """Command-line overrides reproducing ``config``'s leaves."""
   out = []

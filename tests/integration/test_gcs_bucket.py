@@ -113,16 +113,8 @@ def bucket(tmp_path_factory):
 
 
 def _config():
-  c = helpers.tiny_fgm_config("set-by-the-pipeline", num_steps=FGM_STEPS, every=10)
-  teacher = helpers.tiny_teacher_config(num_steps=TEACHER_STEPS, every=TEACHER_EVERY)
-  with c.teacher.unlocked():
-    c.teacher.num_steps = teacher.num_steps
-    c.teacher.batch_size = teacher.batch_size
-    c.teacher.checkpoint = teacher.checkpoint
-    c.teacher.log = teacher.log
-  c.job = "pipeline"
-  c.eval.num_samples = 500
-  return c
+  return helpers.tiny_pipeline_config(teacher_steps=TEACHER_STEPS, teacher_every=TEACHER_EVERY,
+                                      fgm_steps=FGM_STEPS, num_samples=500)
 
 
 def _cmd(workdir, *extra):

@@ -22,16 +22,8 @@ from configs import digits_teacher
 
 
 def _tiny_pipeline_config():
-  c = helpers.tiny_fgm_config("set-by-the-pipeline", num_steps=20, every=10)
-  teacher = helpers.tiny_teacher_config(num_steps=60, every=30)
-  with c.teacher.unlocked():
-    c.teacher.num_steps = teacher.num_steps
-    c.teacher.batch_size = teacher.batch_size
-    c.teacher.checkpoint = teacher.checkpoint
-    c.teacher.log = teacher.log
-  c.job = "pipeline"
-  c.eval.num_samples = 1000
-  return c
+  return helpers.tiny_pipeline_config(teacher_steps=60, teacher_every=30, fgm_steps=20,
+                                      num_samples=1000)
 
 
 def test_toy_pipeline_writes_report_and_picture(tmp_path, capsys):
