@@ -29,7 +29,7 @@ from configs import cifar10_teacher
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal", "rf_teacher"))
-  c = common.base("distill", "fgm")
+  c = common.base("train", "fgm")
   c.teacher = cifar10_teacher.get_config(variant)
   c.teacher.workdir = "runs/cifar10_teacher"
   c.teacher.use_ema = True  # [ours] distil the teacher's EMA weights

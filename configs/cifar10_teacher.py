@@ -43,7 +43,7 @@ def data_config():
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal", "rf_teacher"))
-  c = common.base("teacher", "teacher")
+  c = common.base("train", "teacher")
   # DDPM++ [EDM] (55.7 M parameters): 128 channels, mult (2, 2, 2), 4 blocks, attention at
   # 16x16, dropout 0.13 [EDM]. augment_dim=0 [ours]: EDM's 9-dim input carries the labels of
   # its non-leaking augmentation pipeline, which we do not run, so it would always be zero; set

@@ -132,7 +132,7 @@ def mmdit(**fields):
   """config.model of an MM-DiT: how it runs (dtype, attention_impl, remat) and its params
   layout (scan_layers: one nn.scan over the identical joint blocks, compile time flat in
   depth; False unrolls them). Its diffusers keys come from a folder's config.json at run time
-  (sd3/distill.FolderTeacher) or from ``fields``."""
+  (sd3/trainer.FolderTeacher) or from ``fields``."""
   return dict(dict(name="mmdit", dtype="float32", attention_impl="xla", remat="none",
                    scan_layers=True), **fields)
 

@@ -7,7 +7,7 @@ The default job is 'pipeline': it trains the teacher (configs/digits_teacher.py)
 1-step samples (1,500 each, digits-classifier Fréchet distance) and writes
 <workdir>/report.md and <workdir>/grids.png. Distillation alone, from a finished teacher:
 
-    python -m fgm_jax.main --config=configs/digits_fgm.py --config.job=distill \\
+    python -m fgm_jax.main --config=configs/digits_fgm.py --config.job=train \\
         --config.teacher.workdir=runs/digits/teacher --workdir=runs/digits/fgm
 
 Variants: 'runlocal' (a few steps of each, for smoke tests).

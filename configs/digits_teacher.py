@@ -13,7 +13,7 @@ from fgm_jax.models import unet
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal",))
-  c = common.base("teacher", "teacher")
+  c = common.base("train", "teacher")
   # tiny(): 16 channels at 8x8, 32 at 4x4, one block per level, attention at 4x4 (188,769
   # parameters). Wider nets learn more per step but cost 3-10x more per step on a CPU, which
   # this time budget does not allow. No dropout: 1,500 images are seen many times, but the

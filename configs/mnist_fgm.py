@@ -9,7 +9,7 @@ the 500 held-out digits, fgm_jax/evaluation/mnist5k_evaluator.py) and writes
 <workdir>/report.md and <workdir>/grids.png. Distillation alone, from a finished teacher (e.g.
 an ablation: --config.fgm.alpha=0.5, --config.fgm.t_star=0.8, --config.fgm.online_steps=2):
 
-    python -m fgm_jax.main --config=configs/mnist_fgm.py --config.job=distill \\
+    python -m fgm_jax.main --config=configs/mnist_fgm.py --config.job=train \\
         --config.teacher.workdir=runs/mnist5k/teacher --workdir=runs/mnist5k/fgm_alpha0.5
 
 and scored with --config.job=evaluate on the same flags.

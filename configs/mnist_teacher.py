@@ -32,7 +32,7 @@ def model():
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal",))
-  c = common.base("teacher", "teacher")
+  c = common.base("train", "teacher")
   c.model = model()
   c.data = data_config()
   c.batch_size = 32

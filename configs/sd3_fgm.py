@@ -39,14 +39,14 @@ from configs import common
 
 def get_config(variant=""):
   words = common.parse_variant(variant, ("runlocal",))
-  c = common.sd3_inputs(common.base("distill", "sd3_fgm"), words)
+  c = common.sd3_inputs(common.base("train", "sd3_fgm"), words)
   # A prompt cache folder (configs/sd3_prompts.py) for distillation; config.prompts (a file)
   # for job=sample. ':runlocal' builds both from the tiny folder.
   c.prompt_cache = ml_collections.config_dict.placeholder(str)
   c.resolution = 512  # generated images are resolution x resolution (latents / 8)
   c.batch_size = 32
   c.num_steps = 20_000
-  # The teacher is the folder's MM-DiT (sd3/distill.FolderTeacher): its architecture is read
+  # The teacher is the folder's MM-DiT (sd3/trainer.FolderTeacher): its architecture is read
   # from <sd3.folder>/transformer at run time; these fields say how the three networks run
   # and how the teacher samples (job=compile's sampler).
   c.teacher = ml_collections.ConfigDict(dict(

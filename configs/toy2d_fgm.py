@@ -14,7 +14,7 @@ from configs import toy2d_teacher
 
 def get_config(variant=""):
   words = common.parse_variant(variant, toy2d_teacher.DISTRIBUTIONS + ("quick",))
-  c = common.base("distill", "fgm")
+  c = common.base("train", "fgm")
   c.teacher = toy2d_teacher.get_config(variant)
   c.teacher.workdir = "runs/toy2d_teacher_" + c.teacher.data.distribution
   c.teacher.use_ema = True

@@ -13,7 +13,7 @@ DISTRIBUTIONS = ("8gaussians", "checkerboard", "moons", "25gaussians")
 
 def get_config(variant=""):
   words = common.parse_variant(variant, DISTRIBUTIONS + ("quick",))
-  c = common.base("teacher", "teacher")
+  c = common.base("train", "teacher")
   c.model = dict(name="mlp", hidden=256, depth=3, time_dim=64)
   dist = [w for w in words if w in DISTRIBUTIONS]
   c.data = dict(name="toy2d", distribution=dist[0] if dist else "8gaussians")

@@ -63,18 +63,18 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def analytic_flops(cfg, batch, n_img, n_txt):
+def analytic_flops(config, batch, n_img, n_txt):
   """Matmul + attention FLOPs of one forward (2 per multiply-add), mirroring mmdit.py."""
-  d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-  p, c = cfg["patch_size"], cfg["in_channels"]
+  d = config["num_attention_heads"] * config["attention_head_dim"]
+  p, c = config["patch_size"], config["in_channels"]
   per_tok = lambda fan_in, fan_out: 2 * fan_in * fan_out
   f = n_img * per_tok(p * p * c, d)                         # patch conv
-  f += n_txt * per_tok(cfg["joint_attention_dim"], d)       # context embedder
-  f += n_img * per_tok(d, p * p * cfg["out_channels"])      # proj_out
+  f += n_txt * per_tok(config["joint_attention_dim"], d)       # context embedder
+  f += n_img * per_tok(d, p * p * config["out_channels"])      # proj_out
   n = n_img + n_txt
-  for i in range(cfg["num_layers"]):
-    last = i == cfg["num_layers"] - 1
-    dual = i in tuple(cfg["dual_attention_layers"])
+  for i in range(config["num_layers"]):
+    last = i == config["num_layers"] - 1
+    dual = i in tuple(config["dual_attention_layers"])
     f += n_img * (4 * per_tok(d, d) + 2 * per_tok(d, 4 * d))  # q k v o + MLP (image)
     f += n_txt * 3 * per_tok(d, d)                            # context q k v
     if not last:
@@ -128,21 +128,21 @@ def random_params(module, x, t, cond):
       for i, a in enumerate(leaves)])
 
 
-def make_inputs(cfg, args):
+def make_inputs(config, args):
   kx, kt, kc, kp = jax.random.split(jax.random.PRNGKey(1), 4)
-  x = jax.random.normal(kx, (args.batch, args.latent, args.latent, cfg["in_channels"]))
+  x = jax.random.normal(kx, (args.batch, args.latent, args.latent, config["in_channels"]))
   t = jax.random.uniform(kt, (args.batch,))
   cond = {"context": jax.random.normal(kc, (args.batch, args.text_len,
-                                           cfg["joint_attention_dim"])),
-          "pooled": jax.random.normal(kp, (args.batch, cfg["pooled_projection_dim"]))}
+                                           config["joint_attention_dim"])),
+          "pooled": jax.random.normal(kp, (args.batch, config["pooled_projection_dim"]))}
   return x, t, cond
 
 
-def check_attention(cfg, args):
+def check_attention(config, args):
   """Fused attention vs XLA's plain softmax attention at the benchmark's shape, in bf16,
   both against a float32 reference. Fresh random inputs; returns relative errors."""
-  n = (args.latent // cfg["patch_size"]) ** 2 + args.text_len
-  shape = (args.batch, n, cfg["num_attention_heads"], cfg["attention_head_dim"])
+  n = (args.latent // config["patch_size"]) ** 2 + args.text_len
+  shape = (args.batch, n, config["num_attention_heads"], config["attention_head_dim"])
   q, k, v = (jax.random.normal(key, shape) for key in jax.random.split(
       jax.random.PRNGKey(7), 3))
   ref = mmdit.attention(q, k, v, "xla")
@@ -164,8 +164,8 @@ def check_attention(cfg, args):
   return out
 
 
-def bench(mode, remat, cfg, args, params, inputs):
-  module = mmdit.from_diffusers_config(cfg, dtype=args.dtype,
+def bench(mode, remat, config, args, params, inputs):
+  module = mmdit.from_diffusers_config(config, dtype=args.dtype,
                                        attention_impl=args.attention_impl, remat=remat,
                                        scan_layers=not args.unrolled)
   traces = [0]
@@ -198,15 +198,15 @@ def bench(mode, remat, cfg, args, params, inputs):
       msg = "OOM"
     return dict(mode=mode, remat=remat, error=msg)
   recompiled = traces[0] != traces_after_warmup or _cache_size(fn) != cache_after_warmup
-  n_img = (args.latent // cfg["patch_size"]) ** 2
-  flops_model = analytic_flops(cfg, args.batch, n_img, args.text_len)
+  n_img = (args.latent // config["patch_size"]) ** 2
+  flops_model = analytic_flops(config, args.batch, n_img, args.text_len)
   if mode != "forward":
     flops_model *= 3  # backward ~ 2x forward; remat recompute is not useful work
   return dict(mode=mode, remat=remat if mode != "forward" else "-", seconds=seconds,
               images_per_s=args.batch / seconds, tflops_xla=flops_xla / seconds / 1e12,
               tflops_model=flops_model / seconds / 1e12, peak=peak_bytes(),
               recompiled=recompiled, compile_s=compile_s,
-              gflop_per_image_fwd=analytic_flops(cfg, 1, n_img, args.text_len) / 1e9)
+              gflop_per_image_fwd=analytic_flops(config, 1, n_img, args.text_len) / 1e9)
 
 
 def _cache_size(fn):
@@ -214,13 +214,13 @@ def _cache_size(fn):
   return size() if callable(size) else None
 
 
-def markdown(rows, args, cfg):
+def markdown(rows, args, config):
   dev = jax.devices()[0]
   lines = [
       f"MM-DiT {'tiny' if args.tiny else 'SD3-Medium'} shape "
-      f"({cfg['num_layers']} layers, {cfg['num_attention_heads']}x"
-      f"{cfg['attention_head_dim']}), {args.dtype} compute, fp32 params; batch "
-      f"{args.batch}, latents {args.latent}x{args.latent}x{cfg['in_channels']}, "
+      f"({config['num_layers']} layers, {config['num_attention_heads']}x"
+      f"{config['attention_head_dim']}), {args.dtype} compute, fp32 params; batch "
+      f"{args.batch}, latents {args.latent}x{args.latent}x{config['in_channels']}, "
       f"{args.text_len} text tokens; attention={args.attention_impl}; "
       f"{'unrolled' if args.unrolled else 'scanned'} blocks; device: "
       f"{dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
@@ -242,18 +242,18 @@ def markdown(rows, args, cfg):
 
 def main(argv=None):
   args = parse_args(argv)
-  cfg = TINY if args.tiny else mmdit.SD3_MEDIUM
+  config = TINY if args.tiny else mmdit.SD3_MEDIUM
   t0 = time.perf_counter()
   log = lambda msg: print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
   log(f"jax {jax.__version__}, devices {jax.devices()}")
   try:
-    attn = check_attention(cfg, args)
+    attn = check_attention(config, args)
   except Exception as e:  # e.g. no cuDNN fused attention for this shape: fall back
     attn = {"error": f"{args.attention_impl}: {str(e).splitlines()[0][:200]}"}
     args.attention_impl = "xla"
   log(f"attention relative error vs float32: {attn}")
-  inputs = make_inputs(cfg, args)
-  module = mmdit.from_diffusers_config(cfg, dtype=args.dtype, scan_layers=not args.unrolled)
+  inputs = make_inputs(config, args)
+  module = mmdit.from_diffusers_config(config, dtype=args.dtype, scan_layers=not args.unrolled)
   params = jax.block_until_ready(random_params(module, *inputs))
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
   log(f"params: {n_params:,} (float32)")
@@ -261,14 +261,14 @@ def main(argv=None):
   plan = [("forward", "none")] + [("forward+backward", r.strip())
                                   for r in args.remat.split(",")]
   for mode, remat in plan:
-    rows.append(bench(mode, remat, cfg, args, params, inputs))
+    rows.append(bench(mode, remat, config, args, params, inputs))
     log(f"{mode} remat={remat}: {rows[-1]}")
     if args.json:
       with open(args.json, "w") as f:
         json.dump(dict(rows=rows, attention_rel_err=attn, params=n_params,
                        device=jax.devices()[0].device_kind, jax=jax.__version__,
                        args=vars(args)), f, indent=1, default=str)
-  print(markdown(rows, args, cfg))
+  print(markdown(rows, args, config))
   if any(r.get("recompiled") for r in rows):
     sys.exit("timed calls recompiled: the benchmark numbers include compile time")
 

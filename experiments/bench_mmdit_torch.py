@@ -45,22 +45,22 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--json", default=None)
   args = p.parse_args()
-  cfg = TINY if args.tiny else mmdit.SD3_MEDIUM
+  config = TINY if args.tiny else mmdit.SD3_MEDIUM
   batch, latent, text_len = (2, 16, 8) if args.tiny else (8, 64, 333)
   batch = args.batch or batch
   cuda = torch.cuda.is_available()
   dev = torch.device("cuda" if cuda else "cpu")
   torch.manual_seed(0)
   with dev:
-    model = SD3Transformer2DModel(**cfg)
+    model = SD3Transformer2DModel(**config)
   n_params = sum(p.numel() for p in model.parameters())
   # Fresh random inputs; random (not zero) adaLN/proj_out weights so no path short-cuts.
   with torch.no_grad():
     for prm in model.parameters():
       prm.normal_(0, 0.02)
-  x = torch.randn(batch, cfg["in_channels"], latent, latent, device=dev)
-  ctx = torch.randn(batch, text_len, cfg["joint_attention_dim"], device=dev)
-  pooled = torch.randn(batch, cfg["pooled_projection_dim"], device=dev)
+  x = torch.randn(batch, config["in_channels"], latent, latent, device=dev)
+  ctx = torch.randn(batch, text_len, config["joint_attention_dim"], device=dev)
+  pooled = torch.randn(batch, config["pooled_projection_dim"], device=dev)
   t = torch.rand(batch, device=dev) * 1000
   amp = torch.autocast(dev.type, dtype=torch.bfloat16)
 

@@ -4,7 +4,7 @@
     python experiments/bench_sd3_fgm.py --batch=2,4 --remat=dots,full
     python experiments/bench_sd3_fgm.py --tiny               # CPU smoke run of the same path
 
-Runs the real step (fgm_jax.train.steps.distill_step, as DistillTrainer jits it, state
+Runs the real step (fgm_jax.train.steps.fgm_step, as FGMTrainer jits it, state
 donated): one online-flow update and one generator update per iteration, teacher with CFG
 (conditional + unconditional pass), the frozen teacher held in bf16, generator and online
 flow in fp32 with Adam (b1 = 0) and no EMA, the positional table frozen, bf16 compute,
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import bench_mmdit  # noqa: E402
-from fgm_jax import parallel  # noqa: E402
+from fgm_jax import sharding as sharding_lib  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
 from fgm_jax.train import optim  # noqa: E402
 from fgm_jax.train import state as state_lib  # noqa: E402
@@ -74,33 +74,33 @@ def build_state(teacher, tx):
   Eager (per leaf), so no jitted initialiser over ~600 leaves has to compile."""
   gen = jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
   online = jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
-  return state_lib.DistillState(
+  return state_lib.FGMState(
       step=jnp.zeros((), jnp.int32), gen_params=gen, gen_opt_state=tx.init(gen),
       gen_ema_params=None, online_params=online, online_opt_state=tx.init(online))
 
 
-def bench_one(cfg, args, remat, batch, teacher):
-  module = mmdit.from_diffusers_config(cfg, dtype="bfloat16",
+def bench_one(config, args, remat, batch, teacher):
+  module = mmdit.from_diffusers_config(config, dtype="bfloat16",
                                        attention_impl=args.attention_impl, remat=remat,
                                        scan_layers=not args.unrolled)
-  mesh = parallel.make_mesh()
-  ctx = parallel.ShardingContext(mesh, mmdit.LOGICAL_RULES)
+  mesh = sharding_lib.make_mesh()
+  ctx = sharding_lib.ShardingContext(mesh, mmdit.LOGICAL_RULES)
   tx = optim.make_optimizer(adam(), mmdit.FROZEN_PARAMS)
   traces = [0]
 
   def step(state, teacher, cond, rng, null):
     traces[0] += 1
-    return steps.distill_step(state, teacher, cond, rng, null, model=module, gen_tx=tx,
-                              online_tx=tx, fgm_cfg=fgm_settings(args.guidance),
+    return steps.fgm_step(state, teacher, cond, rng, null, model=module, gen_tx=tx,
+                              online_tx=tx, fgm_config=fgm_settings(args.guidance),
                               batch_size=batch, shape=(args.latent, args.latent,
-                                                       cfg["in_channels"]),
+                                                       config["in_channels"]),
                               ema_decay=0.0, mesh=mesh)
 
   fn = ctx.jit(step, donate_argnums=0)
   kc, kp = jax.random.split(jax.random.PRNGKey(3))
-  cond = {"context": jax.random.normal(kc, (batch, args.text_len, cfg["joint_attention_dim"]),
+  cond = {"context": jax.random.normal(kc, (batch, args.text_len, config["joint_attention_dim"]),
                                        jnp.bfloat16),
-          "pooled": jax.random.normal(kp, (batch, cfg["pooled_projection_dim"]))}
+          "pooled": jax.random.normal(kp, (batch, config["pooled_projection_dim"]))}
   null = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), cond)
   rng = jax.random.PRNGKey(0)
   row = dict(remat=remat, batch=batch)
@@ -122,8 +122,8 @@ def bench_one(cfg, args, remat, batch, teacher):
     times.sort()
     seconds = times[len(times) // 2]
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    n_img = (args.latent // cfg["patch_size"]) ** 2
-    flops = FORWARDS_PER_IMAGE * bench_mmdit.analytic_flops(cfg, batch, n_img, args.text_len)
+    n_img = (args.latent // config["patch_size"]) ** 2
+    flops = FORWARDS_PER_IMAGE * bench_mmdit.analytic_flops(config, batch, n_img, args.text_len)
     row.update(seconds=seconds, images_per_s=batch / seconds,
                tflops_model=flops / seconds / 1e12, peak=bench_mmdit.peak_bytes(),
                retraced=traces[0] != traced, metrics=values)
@@ -135,7 +135,7 @@ def bench_one(cfg, args, remat, batch, teacher):
   return row
 
 
-def table(rows, args, cfg, n_params):
+def table(rows, args, config, n_params):
   dev = jax.devices()[0]
   out = [f"MM-DiT-FGM iteration, {'tiny' if args.tiny else 'SD3-Medium'} MM-DiT "
          f"({n_params:,} params), latents {args.latent}x{args.latent}, {args.text_len} text "
@@ -157,28 +157,28 @@ def table(rows, args, cfg, n_params):
 
 def main(argv=None):
   args = parse_args(argv)
-  cfg = bench_mmdit.TINY if args.tiny else mmdit.SD3_MEDIUM
+  config = bench_mmdit.TINY if args.tiny else mmdit.SD3_MEDIUM
   t0 = time.perf_counter()
   log = lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True)
-  module = mmdit.from_diffusers_config(cfg, scan_layers=not args.unrolled)
+  module = mmdit.from_diffusers_config(config, scan_layers=not args.unrolled)
   x, t, cond = mmdit.dummy_inputs(module, height=4, width=4)
   params = bench_mmdit.random_params(module, x, t, cond)
   n_params = sum(a.size for a in jax.tree.leaves(params))
   # Only the bf16 teacher stays: the trained nets are fp32 copies of it (as a bf16-held
-  # teacher gives them in DistillTrainer), so no extra fp32 tree occupies memory.
+  # teacher gives them in FGMTrainer), so no extra fp32 tree occupies memory.
   teacher = jax.block_until_ready(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params))
   del params
   log(f"random MM-DiT: {n_params:,} params on {jax.devices()[0].device_kind}")
   rows = []
   for remat in args.remat.split(","):
     for batch in args.batch:
-      rows.append(bench_one(cfg, args, remat.strip(), batch, teacher))
+      rows.append(bench_one(config, args, remat.strip(), batch, teacher))
       log(f"remat={remat} batch={batch}: {rows[-1]}")
       if args.json:
         with open(args.json, "w") as f:
           json.dump(dict(rows=rows, params=n_params, device=jax.devices()[0].device_kind,
                          jax=jax.__version__, args=vars(args)), f, indent=1, default=str)
-  print(table(rows, args, cfg, n_params))
+  print(table(rows, args, config, n_params))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 Builds the states of configs/cifar10_fgm.py (EDM DDPM++ U-Net, 55.7 M parameters per
 network, 32x32x3) with random weights: no data, no teacher workdir. What it times:
 
-* iteration: ``DistillTrainer.train_step`` (one online-flow update + one generator update,
+* iteration: ``FGMTrainer.train_step`` (one online-flow update + one generator update,
   the frozen teacher passed in), exactly what the training loop calls;
 * teacher: ``TeacherTrainer.train_step`` (rectified flow matching), fed synthetic batches
   through the trainer's own prefetching data path;
@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import cifar10_fgm  # noqa: E402
 from configs import cifar10_teacher  # noqa: E402
-from fgm_jax import parallel  # noqa: E402
+from fgm_jax import sharding as sharding_lib  # noqa: E402
 from fgm_jax.train import steps  # noqa: E402
 from fgm_jax.train import trainers  # noqa: E402
 
@@ -196,11 +196,11 @@ def time_loop(call, carry, warmup, steps, start=1, profile_dir=None):
 
 def bench_iteration(args, batch, precision, mesh):
   config = fgm_config(args.tiny, batch, precision)
-  layout = trainers.DistillTrainer(config, mesh)  # shapes only: nothing compiled
+  layout = trainers.FGMTrainer(config, mesh)  # shapes only: nothing compiled
   teacher = random_params(layout.abstract_state.gen_params)
-  trainer = trainers.DistillTrainer(config, mesh, teacher_params=teacher)
+  trainer = trainers.FGMTrainer(config, mesh, teacher_params=teacher)
   state = trainer.init_state()
-  step_args = (state, trainer.frozen_teacher, None, trainer.keys.distill_step, None)
+  step_args = (state, trainer.frozen_teacher, None, trainer.keys.fgm_step, None)
   if args.hlo_dir:
     write_hlo(trainer._step.jitted, step_args, trainer.sharding,
               os.path.join(args.hlo_dir, f"iteration_{precision}_b{batch}.hlo.txt"))
@@ -237,7 +237,7 @@ def bench_teacher(args, batch, precision, mesh):
 
 def bench_sample(args, batch, precision, mesh):
   config = fgm_config(args.tiny, batch, precision)
-  layout = trainers.DistillTrainer(config, mesh)
+  layout = trainers.FGMTrainer(config, mesh)
   params = jax.device_put(random_params(layout.abstract_state.gen_params, seed=1))
   traces = [0]
 
@@ -334,7 +334,7 @@ def main(argv=None):
   log(f"jax {jax.__version__}, devices {jax.devices()}")
   if args.hlo_dir:
     os.makedirs(args.hlo_dir, exist_ok=True)
-  mesh = parallel.make_mesh(1, 1, 1, jax.devices()[:1])  # one device: per-card numbers
+  mesh = sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1])  # one device: per-card numbers
   plan = [(what, batch, precision) for precision in args.precisions for what in args.whats
           for batch in (args.sample_batches if what == "sample" else args.batches)]
   earlier = load_rows([args.json]) if args.json else []

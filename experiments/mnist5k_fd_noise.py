@@ -40,7 +40,7 @@ def main(argv):
   trainer, state = run_dir.restore_latest(config, workdir)
   cache_dir = evaluators.build(trainer, config.eval, workdir).classifier_dir
   steps = _TEACHER_STEPS.value
-  if config_checks.is_distill(config) and not steps:
+  if config_checks.is_fgm(config) and not steps:
     draw, what = (lambda seed: trainer.samples(state, _NUM.value, seed).x), "FGM 1-step"
   else:
     steps = steps or config.sample.steps

@@ -44,7 +44,7 @@ score_large() {  # score_large NAME FLAGS...: the run ROOT/NAME scored again on 
 variant() {  # variant NAME FLAGS...: distil, score on 1,000 samples, then on N_LARGE
   local name=$1; shift
   if [ ! -f "$ROOT/$name/eval.json" ]; then  # else distilled and scored by an earlier invocation
-    timed "$name" $PY -m fgm_jax.main "${F[@]}" --config.job=distill "$@" --workdir="$ROOT/$name"
+    timed "$name" $PY -m fgm_jax.main "${F[@]}" --config.job=train "$@" --workdir="$ROOT/$name"
     timed "$name:eval" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
         --workdir="$ROOT/$name"
   fi

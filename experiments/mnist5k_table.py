@@ -50,7 +50,8 @@ def _times(root):
 
 def _pipeline_distill_seconds(root):
   with open(os.path.join(root, "eval.json")) as f:
-    return round(json.load(f)["wall_time_s"]["distill"])
+    stages = json.load(f)["wall_time_s"]
+    return round(stages.get("fgm", stages.get("distill")))  # "distill" before 2026-12-07
 
 
 def teacher_rows(root):

@@ -2,7 +2,7 @@
 
     python experiments/sd3_state_memory.py            # 8 fake CPU devices, fsdp 1, 2, 4, 8
 
-Builds the real DistillTrainer of configs/sd3_fgm.py with SD3-Medium's architecture
+Builds the real FGMTrainer of configs/sd3_fgm.py with SD3-Medium's architecture
 (abstractly: shapes and shardings only, no weights, nothing compiled) and sums, for one
 device, the shard of every leaf: generator and online-flow fp32 weights, their Adam states
 (the frozen positional table has none), the generator EMA if kept, and the frozen teacher in
@@ -19,9 +19,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import sd3_fgm  # noqa: E402
-from fgm_jax import parallel  # noqa: E402
+from fgm_jax import sharding as sharding_lib  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
-from fgm_jax.sd3 import distill  # noqa: E402
+from fgm_jax.sd3 import trainer as sd3_trainer  # noqa: E402
 from fgm_jax.train import trainers  # noqa: E402
 
 
@@ -41,12 +41,12 @@ def main():
     c.teacher.model.update(mmdit.SD3_MEDIUM)
     c.mesh.fsdp, c.batch_size = fsdp, 8
     c.teacher.latent_shape = (64, 64, 16)  # 512 px
-    trainer = distill.build_abstract(c, parallel.mesh_from_config(c.mesh))
+    trainer = sd3_trainer.build_abstract(c, sharding_lib.mesh_from_config(c.mesh))
     state = device_bytes(trainer.abstract_state, trainer.shardings)
     teacher_abstract = trainer.abstract_teacher
     teacher = device_bytes(teacher_abstract, trainer.param_shardings, c.fgm.teacher_dtype)
     adam = device_bytes(trainer.abstract_state.gen_opt_state,
-                        trainers.parallel.tree_shardings(
+                        trainers.sharding_lib.tree_shardings(
                             trainer.abstract_state.gen_opt_state, trainer.mesh))
     rows.append((fsdp, state, teacher, adam))
     print(f"fsdp={fsdp}: state {state / 1e9:.2f} GB (generator Adam {adam / 1e9:.2f} GB), "

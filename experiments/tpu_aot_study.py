@@ -156,12 +156,12 @@ def table(root):
         "| code MB | est. img/s per chip | bf16 util. | collectives |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for name, report in _cases(root, "sd3_"):
-    cfg = report["config"]
+    saved = report["config"]
     for f in report["functions"]:
       mem, rate, util, code, coll = _cells(f, report)
-      batch = cfg["batch_size"] if f["name"] == "train_step" else f["images"]
-      where = f"{name.split('_')[1]} (`{cfg['aot']['topology']}`, {cfg['mesh']['fsdp']})"
-      what = cfg["teacher"]["model"]["remat"] if f["name"] == "train_step" else f["name"]
+      batch = saved["batch_size"] if f["name"] == "train_step" else f["images"]
+      where = f"{name.split('_')[1]} (`{saved['aot']['topology']}`, {saved['mesh']['fsdp']})"
+      what = saved["teacher"]["model"]["remat"] if f["name"] == "train_step" else f["name"]
       print(f"| {where} | {what} | {batch} | {f['compile_s']:.0f} | {mem} | "
             f"{'yes' if f.get('fits') else '**no**'} | {code} | {rate} | {util} | {coll} |")
   print()

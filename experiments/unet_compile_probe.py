@@ -56,12 +56,12 @@ def main():
   p.add_argument("--json", default="")
   a = p.parse_args()
   _patch(a.patch.split(","))
-  cfg = unet.default_config()
-  cfg.update(dict(dropout=0.0, augment_dim=0))
-  cfg.update(ast.literal_eval(a.model.replace("dict(", "{").replace(")", "}")) if False else
+  config = unet.default_config()
+  config.update(dict(dropout=0.0, augment_dim=0))
+  config.update(ast.literal_eval(a.model.replace("dict(", "{").replace(")", "}")) if False else
              eval(a.model, {"dict": dict}))
-  cfg.dtype = a.dtype
-  model = unet.from_config(cfg)
+  config.dtype = a.dtype
+  model = unet.from_config(config)
   devs = topologies.get_topology_desc(topology_name=a.topology, platform="tpu").devices
   mesh = Mesh(np.array(devs[:a.devices]), ("data",))
   rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))

@@ -34,7 +34,7 @@ from absl import logging
 from jax.extend import core as jax_core
 
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import paths
 
 GIB = 2 ** 30
@@ -293,7 +293,7 @@ def advice(row, config) -> str:
   tips = [f"more chips over config.mesh.fsdp (now {config.mesh.fsdp}; the state shards over it)",
           f"a smaller config.batch_size (now {config.batch_size})"]
   model = config_checks.architecture(config)[0]
-  field = ("config.teacher.model.remat" if config_checks.is_distill(config)
+  field = ("config.teacher.model.remat" if config_checks.is_fgm(config)
            else "config.model.remat")
   if "remat" in model and isinstance(model.remat, bool) and not model.remat:
     tips.append(f"{field}=True (recompute each block in the backward pass)")
@@ -346,9 +346,9 @@ def _devices(config):
 def run(config, workdir):
   devices = _devices(config)
   config_checks.validate(config, device_count=len(devices))
-  mesh = parallel.mesh_from_config(config.mesh, devices=devices)
+  mesh = sharding_lib.mesh_from_config(config.mesh, devices=devices)
   sample_batch = config.aot.sample_batch or config.batch_size
-  config_checks.check_batch(sample_batch, parallel.batch_device_count(mesh),
+  config_checks.check_batch(sample_batch, sharding_lib.batch_device_count(mesh),
                             "config.aot.sample_batch")
   config, trainer = _build(config, workdir, mesh)
   targets = trainer.compile_targets(sample_batch)
@@ -387,7 +387,7 @@ def _build(config, workdir, mesh):
 
 def _describe(config):
   model = config_checks.architecture(config)[0]
-  kind = "FGM" if config_checks.is_distill(config) else "teacher"
+  kind = "FGM" if config_checks.is_fgm(config) else "teacher"
   dtype = f" (dtype {model.dtype})" if "dtype" in model else ""  # the MLP has no dtype field
   return f"{kind} {model.name}{dtype}"
 

@@ -10,7 +10,7 @@ from fgm_jax.config_checks import ConfigError
 
 def compare_with_saved(config, saved: dict, workdir: str):
   """Stops when ``workdir`` holds a checkpoint from a config whose state would not fit."""
-  prefix = "config.teacher" if config_checks.is_distill(config) else "config"
+  prefix = "config.teacher" if config_checks.is_fgm(config) else "config"
   diffs = _diff(_without_free_fields(saved.get("fingerprint", {})), fingerprint(config),
                 prefix)
   if diffs:
@@ -34,7 +34,13 @@ def fingerprint(config) -> dict:
                                "model": model.to_dict(), "data": data.to_dict()})
 
 
+# Checkpoint kinds saved before the FGM run had that name (the job was called 'distill').
+LEGACY_KINDS = {"distill": "fgm"}
+
+
 def _without_free_fields(fp: dict) -> dict:
+  if "kind" in fp:
+    fp = {**fp, "kind": LEGACY_KINDS.get(fp["kind"], fp["kind"])}
   return {k: ({f: v for f, v in part.items() if f not in NOT_IN_FINGERPRINT.get(k, ())}
               if isinstance(part, dict) else part) for k, part in fp.items()}
 

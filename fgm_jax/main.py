@@ -2,10 +2,11 @@
 
     python -m fgm_jax.main --config=configs/toy2d_fgm.py --workdir=runs/fgm [--config.x=y ...]
 
-config.job picks what runs: 'teacher' or 'distill' train (resuming from --workdir);
+config.job picks what runs: 'train' trains the run config.trainer declares (a teacher, or
+FGM of a teacher), resuming from --workdir;
 'sample' writes samples.npz (from a run, or from an exported generator folder); 'evaluate'
 writes eval.json; 'export' writes the one-step generator as a standalone folder; 'pipeline'
-(distill configs) trains the teacher, distils it, evaluates both and writes a report, all
+(FGM configs) trains the teacher, distils it, evaluates both and writes a report, all
 under --workdir; 'compile' compiles the run's functions ahead of time, for this machine or a
 TPU topology (--config.aot.topology=v5p:2x2x1), and reports memory per chip (fgm_jax/aot.py).
 
@@ -55,8 +56,7 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 # config.job -> "module:function(config, workdir)", imported on use (a toy run never loads
 # the evaluation or pipeline code it does not run).
 RUNS = {
-    "teacher": "fgm_jax.train_job:run",
-    "distill": "fgm_jax.train_job:run",
+    "train": "fgm_jax.train_job:run",
     "pipeline": "fgm_jax.pipeline:run",
     "sample": "fgm_jax.evaluation.evaluate:sample",
     "evaluate": "fgm_jax.evaluation.evaluate:evaluate",

@@ -6,7 +6,7 @@ Everything lives under --workdir, and every stage resumes, so rerunning the comm
 interruption continues where it stopped:
 
     <workdir>/teacher/         the teacher run (config.teacher, with job='teacher')
-    <workdir>/fgm/             the FGM run (config, with job='distill')
+    <workdir>/fgm/             the FGM run (config, with job='train')
     <workdir>/eval.json        teacher Euler N-step and FGM 1-step metrics, same noise for all
     <workdir>/report.md        metrics table, wall time per stage, commands to reproduce
     <workdir>/grids.png        image data: labelled sample grids side by side
@@ -22,7 +22,7 @@ from absl import logging
 from fgm_jax import checkpoint
 from fgm_jax import compile_cache
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import paths
 from fgm_jax import train_job
 from fgm_jax import workdir_lock
@@ -57,22 +57,22 @@ class _Progress:
 
 
 def stage_configs(config, workdir):
-  """(teacher run config, distill run config) for the two training stages.
+  """(teacher run config, FGM run config) for the two training stages.
 
-  The teacher trains into <workdir>/teacher on the run's mesh; the distill run reads it there.
+  The teacher trains into <workdir>/teacher on the run's mesh; the FGM run reads it there.
   """
-  distill = config.copy_and_resolve_references()
-  with distill.unlocked():
-    distill.job = "distill"
-    distill.teacher.workdir = os.path.join(workdir, "teacher")
+  fgm = config.copy_and_resolve_references()
+  with fgm.unlocked():
+    fgm.job = "train"
+    fgm.teacher.workdir = os.path.join(workdir, "teacher")
     # Both stages share the pipeline's compilation cache (the teacher's samplers recur).
-    distill.compilation_cache.dir = compile_cache.directory(config, workdir)
-  teacher = distill.teacher.copy_and_resolve_references()
+    fgm.compilation_cache.dir = compile_cache.directory(config, workdir)
+  teacher = fgm.teacher.copy_and_resolve_references()
   with teacher.unlocked():
-    teacher.job = "teacher"
-    teacher.mesh = distill.mesh
-    teacher.compilation_cache = distill.compilation_cache
-  return teacher, distill
+    teacher.job = "train"
+    teacher.mesh = fgm.mesh
+    teacher.compilation_cache = fgm.compilation_cache
+  return teacher, fgm
 
 
 def _train_stage(progress, index, name, config, workdir, mesh, need_state=True):
@@ -100,13 +100,13 @@ def run(config, workdir):
 
 def _run(config, workdir):
   progress = _Progress()
-  teacher_cfg, distill_cfg = stage_configs(config, workdir)
-  config_checks.validate(teacher_cfg)  # the nested teacher's own fields (batch, steps, ...)
-  mesh = parallel.mesh_from_config(config.mesh)
-  _train_stage(progress, 1, "teacher", teacher_cfg, teacher_cfg.workdir, mesh,
-               need_state=False)  # the distill run restores it itself
+  teacher_config, fgm_config = stage_configs(config, workdir)
+  config_checks.validate(teacher_config)  # the nested teacher's own fields (batch, steps, ...)
+  mesh = sharding_lib.mesh_from_config(config.mesh)
+  _train_stage(progress, 1, "teacher", teacher_config, teacher_config.workdir, mesh,
+               need_state=False)  # the FGM run restores it itself
   fgm_dir = os.path.join(workdir, "fgm")
-  trainer, state = _train_stage(progress, 2, "distill", distill_cfg, fgm_dir, mesh)
+  trainer, state = _train_stage(progress, 2, "fgm", fgm_config, fgm_dir, mesh)
   results, sets, evaluator = _evaluate_stage(progress, config, trainer, state, fgm_dir)
   _report_stage(progress, config, workdir, results, sets, evaluator)
   return results

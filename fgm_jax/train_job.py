@@ -1,4 +1,4 @@
-"""job=teacher and job=distill: the training loop with the evaluation hooks the config asks for.
+"""job=train and job=train: the training loop with the evaluation hooks the config asks for.
 
 Sits above both train/ and evaluation/ so neither imports the other: the loop takes its
 per-step hooks as an argument (train/loop.py), and this is where they are chosen

@@ -134,13 +134,13 @@ def ema_tensors(ckpt: Mapping, names, path: str = "the checkpoint") -> Dict[str,
 def teacher_config_for(base_config, shapes: Mapping[str, tuple]):
   """(config, inferred fields or None): ``base_config`` with the checkpoint's architecture."""
   from fgm_jax import config_checks
-  if config_checks.is_distill(base_config):  # a distill config names its teacher's config
+  if config_checks.is_fgm(base_config):  # a distill config names its teacher's config
     base_config = base_config.teacher
   config = base_config.copy_and_resolve_references()
   image_size, _ = _image_geometry(config)
   arch = keys_lib.infer_architecture(shapes, image_size)
   with config.unlocked():
-    config.job = "teacher"
+    config.job = "train"
     if arch:
       config.model.update(arch)
   try:

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import paths
 from fgm_jax.evaluation import frechet
 from fgm_jax.evaluation import inception
@@ -132,13 +132,13 @@ def save_stats(path: str, mu, sigma, **meta) -> None:
 class FeatureExtractor:
   """Inception pool features of uint8 images, in global batches over the run's devices.
 
-  ``sharding`` is the run's ``parallel.ShardingContext``: images are split over its batch axes,
+  ``sharding`` is the run's ``sharding_lib.ShardingContext``: images are split over its batch axes,
   the Inception weights replicated; every process sees all features (they are small).
   """
 
   def __init__(self, params, sharding, batch_size: int = 500, image_size: int = 299):
     self.params = jax.device_put(params, sharding.replicated())
-    self.devices = parallel.batch_device_count(sharding.mesh)
+    self.devices = sharding_lib.batch_device_count(sharding.mesh)
     self.batch_size = max(self.devices, batch_size - batch_size % self.devices)
     self.image_size = image_size
     # The module-level function (not a fresh closure) lets every extractor of a process share

@@ -47,7 +47,7 @@ def commands(workdir):
       "# everything (each stage resumes from its checkpoints):",
       f"{base} --config.job=pipeline --workdir={workdir}",
       "# or the stages one by one (after the teacher stage):",
-      f"{base} --config.job=distill --config.teacher.workdir={teacher_dir} --workdir={fgm_dir}",
+      f"{base} --config.job=train --config.teacher.workdir={teacher_dir} --workdir={fgm_dir}",
       f"{base} --config.job=evaluate --config.teacher.workdir={teacher_dir} --workdir={fgm_dir}",
   ]
 

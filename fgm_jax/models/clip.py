@@ -38,12 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 
-LOGICAL_RULES = parallel.fsdp_rules(
+LOGICAL_RULES = sharding_lib.fsdp_rules(
     ("mlp", "heads", "vocab", "pos", "proj", "norm", "length", "act_embed", "act_heads",
      "act_kv", "act_mlp"))
-TENSOR_LOGICAL_RULES = parallel.tensor_parallel_rules(LOGICAL_RULES)
+TENSOR_LOGICAL_RULES = sharding_lib.tensor_parallel_rules(LOGICAL_RULES)
 
 # transformers' CLIPTextConfig defaults (config.json keys).
 TRANSFORMERS_DEFAULTS = dict(
@@ -247,25 +247,13 @@ def from_transformers_config(config, dtype=jnp.float32):
   return CLIPTextModel(with_projection=has_projection(config), dtype=_dtype(dtype), **kw)
 
 
-def from_config(model_config):
-  """Registry-style factory: ConfigDict with transformers' keys (+ name, dtype)."""
-  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-  known = set(_CONFIG_KEYS) | {"name", "dtype", "with_projection"}
-  unknown = set(cfg) - known
-  if unknown:
-    raise ValueError(f"config.model has unknown CLIP text fields {sorted(unknown)}; "
-                     f"known: {sorted(known)}.")
-  module = from_transformers_config(cfg, dtype=cfg.get("dtype", "float32"))
-  return module.clone(with_projection=cfg.get("with_projection", True))
-
-
 def transformers_config(module: CLIPTextModel):
   """The config.json dict describing ``module`` (for exporting weights)."""
-  cfg = {k: getattr(module, k) for k in _CONFIG_KEYS}
-  cfg["architectures"] = ["CLIPTextModelWithProjection" if module.with_projection
+  config_json = {k: getattr(module, k) for k in _CONFIG_KEYS}
+  config_json["architectures"] = ["CLIPTextModelWithProjection" if module.with_projection
                           else "CLIPTextModel"]
-  cfg["model_type"] = "clip_text_model"
-  return cfg
+  config_json["model_type"] = "clip_text_model"
+  return config_json
 
 
 def abstract_variables(module: CLIPTextModel, batch=1, length=1):

@@ -63,10 +63,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 
 # Logical axis -> mesh axis (default: FSDP only, for a ('data', 'fsdp') mesh).
-LOGICAL_RULES = parallel.fsdp_rules(
+LOGICAL_RULES = sharding_lib.fsdp_rules(
     ("embed_in", "mlp", "heads", "mod", "context_in", "pooled_in", "freq", "conv_h", "conv_w",
      "conv_in", "patch_out", "pos", "kv", "layers", "length", "act_embed", "act_heads",
      "act_kv", "act_mlp", "act_mod"))
@@ -75,7 +75,7 @@ LOGICAL_RULES = parallel.fsdp_rules(
 # top of FSDP over 'embed'. The adaLN projections stay FSDP-only: splitting their outputs
 # over 'tensor' and then slicing them into chunks gave wrong results on XLA:CPU (jax
 # 0.10.2) unless the modulation activations were pinned, so we do not rely on it.
-TENSOR_LOGICAL_RULES = parallel.tensor_parallel_rules(LOGICAL_RULES)
+TENSOR_LOGICAL_RULES = sharding_lib.tensor_parallel_rules(LOGICAL_RULES)
 
 # diffusers' SD3Transformer2DModel defaults (config.json keys).
 DIFFUSERS_DEFAULTS = dict(
@@ -656,21 +656,21 @@ def check_config(model_config):
 def from_config(model_config):
   """Registry factory: config.model (configs/common.mmdit: name, the _RUN_KEYS) with diffusers'
   keys; the ones it lacks take DIFFUSERS_DEFAULTS, as for a config.json."""
-  cfg = model_config.to_dict()
-  unknown = set(cfg) - set(_CONFIG_KEYS) - {"name"} - set(_RUN_KEYS)
+  config_json = model_config.to_dict()
+  unknown = set(config_json) - set(_CONFIG_KEYS) - {"name"} - set(_RUN_KEYS)
   if unknown:
     raise ValueError(f"config.model has unknown MM-DiT fields {sorted(unknown)}; "
                      f"known: {sorted(_CONFIG_KEYS + _RUN_KEYS)}.")
-  return from_diffusers_config(cfg, dtype=model_config.dtype,
+  return from_diffusers_config(config_json, dtype=model_config.dtype,
                                attention_impl=model_config.attention_impl,
                                remat=model_config.remat, scan_layers=model_config.scan_layers)
 
 
 def diffusers_config(module: MMDiT):
   """The config.json dict describing ``module`` (for exporting weights)."""
-  cfg = {k: getattr(module, k) for k in _CONFIG_KEYS}
-  cfg["dual_attention_layers"] = list(cfg["dual_attention_layers"])
-  return cfg
+  config_json = {k: getattr(module, k) for k in _CONFIG_KEYS}
+  config_json["dual_attention_layers"] = list(config_json["dual_attention_layers"])
+  return config_json
 
 
 def dummy_inputs(module: MMDiT, batch=1, height=None, width=None, text_len=8,

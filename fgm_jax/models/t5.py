@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 
-LOGICAL_RULES = parallel.fsdp_rules(
+LOGICAL_RULES = sharding_lib.fsdp_rules(
     ("vocab", "heads", "mlp", "kv", "buckets", "rel_heads", "norm", "length", "act_embed",
      "act_heads", "act_kv", "act_mlp"))
 # ('data', 'fsdp', 'tensor') mesh: Megatron-style head / MLP splits on top of FSDP.
-TENSOR_LOGICAL_RULES = parallel.tensor_parallel_rules(LOGICAL_RULES)
+TENSOR_LOGICAL_RULES = sharding_lib.tensor_parallel_rules(LOGICAL_RULES)
 
 # transformers' T5Config defaults (config.json keys).
 TRANSFORMERS_DEFAULTS = dict(

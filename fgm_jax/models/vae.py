@@ -270,54 +270,54 @@ def images_from_latents(module, params, z):
   return module.apply(params, z, method=module.decode)
 
 
-def _check_config(cfg):
+def _check_config(config_json):
   """Rejects diffusers options this port does not implement, naming the offending key."""
-  n = len(cfg["block_out_channels"])
+  n = len(config_json["block_out_channels"])
   for key, kind in (("down_block_types", "DownEncoderBlock2D"),
                     ("up_block_types", "UpDecoderBlock2D")):
-    types = tuple(cfg.get(key, (kind,) * n))
+    types = tuple(config_json.get(key, (kind,) * n))
     if len(types) != n or any(t != kind for t in types):
       raise ValueError(f"vae config: {key}={types!r} is not supported; expected {n} x {kind!r} "
                        f"(one per block_out_channels entry).")
-  if cfg.get("act_fn", "silu") not in ("silu", "swish"):
-    raise ValueError(f"vae config: act_fn={cfg['act_fn']!r} is not supported; only 'silu'.")
+  if config_json.get("act_fn", "silu") not in ("silu", "swish"):
+    raise ValueError(f"vae config: act_fn={config_json['act_fn']!r} is not supported; only 'silu'.")
   for key in ("latents_mean", "latents_std"):
-    if cfg.get(key) is not None:
+    if config_json.get(key) is not None:
       raise ValueError(f"vae config: {key} is set; per-channel latent statistics are not "
                        "supported (SD3 uses scaling_factor and shift_factor).")
-  groups = cfg.get("norm_num_groups", 32)
-  for c in cfg["block_out_channels"]:
+  groups = config_json.get("norm_num_groups", 32)
+  for c in config_json["block_out_channels"]:
     if c % groups:
       raise ValueError(f"vae config: norm_num_groups={groups} does not divide "
                        f"block_out_channels entry {c}.")
 
 
-def from_config(cfg, dtype=jnp.float32):
+def from_config(config_json, dtype=jnp.float32):
   """Builds the module from a diffusers ``config.json`` dict (or an ml_collections ConfigDict).
 
   Missing keys take diffusers' ``AutoencoderKL`` constructor defaults (not SD3's), as
   ``from_pretrained`` would; keys that only matter to PyTorch (force_upcast, tiling) are
-  ignored. A ``dtype`` key in ``cfg`` overrides the argument.
+  ignored. A ``dtype`` key in ``config_json`` overrides the argument.
   """
-  cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  cfg.setdefault("block_out_channels", (64,))
-  _check_config(cfg)
-  sample_size = cfg.get("sample_size", 32)
+  config_json = dict(config_json.to_dict() if hasattr(config_json, "to_dict") else config_json)
+  config_json.setdefault("block_out_channels", (64,))
+  _check_config(config_json)
+  sample_size = config_json.get("sample_size", 32)
   if isinstance(sample_size, (list, tuple)):
     sample_size = sample_size[0]
-  dtype = cfg.get("dtype", dtype)
+  dtype = config_json.get("dtype", dtype)
   return AutoencoderKL(
-      in_channels=cfg.get("in_channels", 3),
-      out_channels=cfg.get("out_channels", 3),
-      block_out_channels=tuple(cfg["block_out_channels"]),
-      layers_per_block=cfg.get("layers_per_block", 1),
-      latent_channels=cfg.get("latent_channels", 4),
-      norm_num_groups=cfg.get("norm_num_groups", 32),
-      scaling_factor=float(cfg.get("scaling_factor", 0.18215)),
-      shift_factor=cfg.get("shift_factor"),
-      use_quant_conv=bool(cfg.get("use_quant_conv", True)),
-      use_post_quant_conv=bool(cfg.get("use_post_quant_conv", True)),
-      mid_block_add_attention=bool(cfg.get("mid_block_add_attention", True)),
+      in_channels=config_json.get("in_channels", 3),
+      out_channels=config_json.get("out_channels", 3),
+      block_out_channels=tuple(config_json["block_out_channels"]),
+      layers_per_block=config_json.get("layers_per_block", 1),
+      latent_channels=config_json.get("latent_channels", 4),
+      norm_num_groups=config_json.get("norm_num_groups", 32),
+      scaling_factor=float(config_json.get("scaling_factor", 0.18215)),
+      shift_factor=config_json.get("shift_factor"),
+      use_quant_conv=bool(config_json.get("use_quant_conv", True)),
+      use_post_quant_conv=bool(config_json.get("use_post_quant_conv", True)),
+      mid_block_add_attention=bool(config_json.get("mid_block_add_attention", True)),
       sample_size=int(sample_size),
       dtype=jnp.dtype(dtype) if isinstance(dtype, str) else dtype,
   )

@@ -70,13 +70,15 @@ def sample(config, workdir):
   if config.sample.geneval:  # its prompts checked before the (long) restore
     sampler.geneval_metadata(config.sample.geneval, config.sample.num)
   start = time.time()
-  config, _, step, params, weights = restore_generator(config, workdir, config.sample.use_ema)
+  config, trainer, step, params, weights = restore_generator(config, workdir,
+                                                            config.sample.use_ema)
   print(f"one-step generator of step {step} restored ({weights} weights, "
         f"{time.time() - start:.1f} s)")
   sconfig = sampling_config(config)
   if config.sample.geneval:
-    return sampler.geneval(sconfig, workdir, config.sample.geneval, mmdit_params=params)
-  return sampler.run(sconfig, workdir, mmdit_params=params)
+    return sampler.geneval(sconfig, workdir, config.sample.geneval, mmdit_params=params,
+                           sharding=trainer.sharding)
+  return sampler.run(sconfig, workdir, mmdit_params=params, sharding=trainer.sharding)
 
 
 def _link_or_copy(src, dst):

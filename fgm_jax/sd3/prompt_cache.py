@@ -35,7 +35,7 @@ from absl import logging
 
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import paths
 from fgm_jax.sd3 import text
 
@@ -165,7 +165,7 @@ def sharded_encoder(encoders, mesh):
   """Global-batch encoder: ids split over the batch axes, parameters by the encoders' rules."""
   from fgm_jax.models import clip, t5
   rules = tuple(dict.fromkeys(clip.LOGICAL_RULES + t5.LOGICAL_RULES))
-  ctx = parallel.ShardingContext(mesh, rules)
+  ctx = sharding_lib.ShardingContext(mesh, rules)
   modules, params = text.modules_and_params(encoders)
   abstract = tuple(None if m is None else
                    (clip.abstract_variables(m) if isinstance(m, clip.CLIPTextModel)
@@ -224,7 +224,7 @@ def write(config, workdir, mesh=None):
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, MANIFEST),
                           {"settings": wanted, "complete": False})
-  encode = sharded_encoder(encoders, mesh or parallel.mesh_from_config(config.mesh))
+  encode = sharded_encoder(encoders, mesh or sharding_lib.mesh_from_config(config.mesh))
   size = int(config.shard_size)
   num_shards = -(-len(prompts) // size)
   start, done = time.time(), 0

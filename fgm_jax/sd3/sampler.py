@@ -86,7 +86,7 @@ def initial_noise(seed: int, index: int, shape) -> np.ndarray:
 
 def _sampler(sd3: SD3, steps: int, guidance: float, sharding=None, param_shardings=None):
   """jit(params, vae params, noise, cond, null cond) -> (latents, images); with a
-  parallel.ShardingContext the batch is split over its devices and the parameters as
+  sharding_lib.ShardingContext the batch is split over its devices and the parameters as
   ``param_shardings`` (MM-DiT, VAE) say."""
   ts = flow.diffusers_flow_match_grid(steps, sd3.shift, sd3.num_train_timesteps)
 
@@ -111,7 +111,7 @@ def _conditioning(config, sd3, mesh):
   """(prompt texts, encode(indices) -> (context, pooled), null pair) from a prompt file
   (encoded here, sharded over the mesh) or from a prompt cache (config.prompts naming a cache
   folder: no text encoder runs)."""
-  from fgm_jax import parallel
+  from fgm_jax import sharding as sharding_lib
   from fgm_jax.sd3 import prompt_cache
   if prompt_cache.is_cache(config.prompts):
     prompt_cache.require_settings(config.prompts, sd3.encoders.settings())
@@ -125,7 +125,7 @@ def _conditioning(config, sd3, mesh):
   def encode(texts):  # len(texts) is a multiple of the data-parallel devices
     return tuple(np.asarray(a) for a in encode_ids(text.tokenize(sd3.encoders, texts)))
 
-  context, pooled = encode([""] * parallel.batch_device_count(mesh))
+  context, pooled = encode([""] * sharding_lib.batch_device_count(mesh))
   return prompts, lambda idx: encode([prompts[i] for i in idx]), (context[:1], pooled[:1])
 
 
@@ -139,17 +139,21 @@ def _generate(fn, params, cond, null, seed, noise_ids, shape):
   return np.asarray(x)
 
 
-def _setup(config, mesh, mmdit_params=None):
+def _setup(config, mesh, mmdit_params=None, sharding=None):
   """(sd3, mesh, placed (MM-DiT, VAE) params, jitted sampler, latent shape) for
-  config.sample; ``mmdit_params`` replaces the folder's MM-DiT (a distilled generator)."""
+  config.sample; ``mmdit_params`` replaces the folder's MM-DiT (a distilled generator).
+  ``sharding``: the ShardingContext of the run that trained those weights (its mesh and
+  rules); a folder sampled on its own builds one from config.mesh."""
   from fgm_jax import models
-  from fgm_jax import parallel
+  from fgm_jax import sharding as sharding_lib
   from fgm_jax.models import mmdit
   s = config.sample
   sd3 = load(config.sd3.folder, config.sd3.t5_length, config.sd3.dtype)
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
-  model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
-  sharding = parallel.ShardingContext(mesh, models.sharding_rules(config.mesh, model))
+  if sharding is None:
+    mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
+    model = ml_collections.ConfigDict(dict(name="mmdit"))  # the rules are the MM-DiT's
+    sharding = sharding_lib.ShardingContext(mesh, models.sharding_rules(config.mesh, model))
+  mesh = sharding.mesh
   down = sd3.latent_downscale
   shape = (s.height // down, s.width // down, sd3.mmdit.in_channels)
   param_shardings = sd3_shardings(sd3, sharding)
@@ -162,23 +166,23 @@ def _setup(config, mesh, mmdit_params=None):
   return sd3, mesh, params, fn, shape
 
 
-def run(config, workdir, mesh=None, mmdit_params=None):
+def run(config, workdir, mesh=None, mmdit_params=None, sharding=None):
   """job=sample for an SD3 config: <workdir>/images/<index>_seed<seed>.png and grid.png.
 
   Prompts come from a file (encoded here) or a prompt cache; each batch is padded to a
   multiple of the data-parallel devices and split over them. ``mmdit_params``: sample with
   these MM-DiT weights instead of the folder's (a distilled one-step generator).
   """
-  from fgm_jax import parallel
+  from fgm_jax import sharding as sharding_lib
   from fgm_jax import paths
   from fgm_jax.evaluation import plots
   from fgm_jax.sd3 import tiny
   config = tiny.resolve(config, workdir)
   s = config.sample
-  sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params)
+  sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params, sharding)
   prompts, encode, null = _conditioning(config, sd3, mesh)
   prompts = prompts[:s.num or None]
-  multiple = parallel.batch_device_count(mesh)
+  multiple = sharding_lib.batch_device_count(mesh)
   out_dir = os.path.join(workdir, "images")
   paths.makedirs(out_dir)  # a disk or a gs:// bucket (plots.save_png writes through paths)
   start, images = time.time(), []
@@ -219,17 +223,17 @@ def geneval_metadata(path: str, num: int):
   return metadata
 
 
-def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None):
+def geneval(config, workdir, metadata_path, mesh=None, mmdit_params=None, sharding=None):
   """GenEval's folder layout under <workdir>/geneval: config.sample.images_per_prompt images
   per prompt of ``metadata_path``, prompts encoded here, resumable (evaluation/geneval.py)."""
-  from fgm_jax import parallel
+  from fgm_jax import sharding as sharding_lib
   from fgm_jax.evaluation import geneval as geneval_lib
   from fgm_jax.sd3 import prompt_cache
   s = config.sample
   metadata = geneval_metadata(metadata_path, s.num)
-  sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params)
+  sd3, mesh, params, fn, shape = _setup(config, mesh, mmdit_params, sharding)
   encode_ids = prompt_cache.sharded_encoder(sd3.encoders, mesh)
-  multiple = parallel.batch_device_count(mesh)
+  multiple = sharding_lib.batch_device_count(mesh)
   batch = -(-s.batch_size // multiple) * multiple  # one compiled shape, split evenly
   null = tuple(np.asarray(a)[:1] for a in encode_ids(text.tokenize(sd3.encoders,
                                                                    [""] * multiple)))

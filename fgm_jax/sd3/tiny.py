@@ -159,9 +159,10 @@ def build(folder: str, seed: int = 0) -> str:
   clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!")
   tok_t5 = t5_tokenizer(os.path.join(folder, "tokenizer_3"))
   ids = jnp.zeros((1, CLIP_LENGTH), jnp.int32)
-  for sub, cfg, rng in (("text_encoder", CLIP_L, rngs[0]), ("text_encoder_2", CLIP_G, rngs[1])):
+  for sub, encoder_kwargs, rng in (("text_encoder", CLIP_L, rngs[0]),
+                                   ("text_encoder_2", CLIP_G, rngs[1])):
     config = dict(clip.TRANSFORMERS_DEFAULTS, vocab_size=len(tok_l),
-                  max_position_embeddings=CLIP_LENGTH, **cfg)
+                  max_position_embeddings=CLIP_LENGTH, **encoder_kwargs)
     if sub == "text_encoder_2":
       config["eos_token_id"] = tok_l.convert_tokens_to_ids("<|endoftext|>")
     module = clip.from_transformers_config(config)

@@ -13,11 +13,11 @@ import jax
 class RunKeys:
   init: jax.Array  # parameter initialisation
   teacher_step: jax.Array  # flow-matching steps: times, noise, dropout
-  distill_step: jax.Array  # FGM iterations: generator noise, times, path noise
+  fgm_step: jax.Array  # FGM iterations: generator noise, times, path noise
 
 
 def run_keys(seed: int) -> RunKeys:
   base = jax.random.PRNGKey(seed)
   # The fold-in tags are part of every recorded result: changing one changes every run.
   return RunKeys(init=jax.random.fold_in(base, 0), teacher_step=jax.random.fold_in(base, 1),
-                 distill_step=jax.random.fold_in(base, 2))
+                 fgm_step=jax.random.fold_in(base, 2))

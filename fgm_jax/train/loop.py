@@ -24,7 +24,7 @@ from absl import logging
 from fgm_jax import checkpoint
 from fgm_jax import compile_cache
 from fgm_jax import distributed
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import workdir_lock
 from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
@@ -62,7 +62,7 @@ def train(config, workdir, *, mesh=None, write_metrics=True, progress=True, hook
 
 
 def _train(config, workdir, mesh, write_metrics, progress, make_hooks):
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
   config = trainers.prepare(config, workdir)
   run_dir.prepare_workdir(config, workdir)
   trainer = trainers.build(config, mesh)

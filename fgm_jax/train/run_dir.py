@@ -11,7 +11,7 @@ from fgm_jax import checkpoint
 from fgm_jax import checkpoint_compat
 from fgm_jax import config_checks
 from fgm_jax import distributed
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import paths
 from fgm_jax.train import trainers
 
@@ -96,13 +96,13 @@ def restore_newest_readable(trainer, mgr):
 
 def restore_latest(config, workdir, mesh=None):
   """(trainer, state) of the newest checkpoint in ``workdir``, or a clear error."""
-  mesh = mesh or parallel.mesh_from_config(config.mesh)
+  mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   step = checkpoint.latest_step(ckpt_dir)
   if step is None:
     raise checkpoint.CheckpointNotFoundError(
         f"--workdir={workdir} holds no checkpoint (looked in {ckpt_dir}). Train first with "
-        f"--config.job={config_checks.run_kind(config)} and the same --workdir, or point "
+        f"--config.job=train and the same --workdir, or point "
         "--workdir at a finished run.")
   checkpoint_compat.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
   trainer = trainers.build(config, mesh)

@@ -16,7 +16,7 @@ class TeacherState:
 
 
 @struct.dataclass
-class DistillState:
+class FGMState:
   """Generator (with EMA) and online flow; the frozen teacher lives outside the state.
 
   ``gen_ema_params`` is None when the run keeps no EMA (``optim.ema_decay == 0``): at SD3
@@ -43,27 +43,27 @@ def teacher_state(params, tx) -> TeacherState:
                       opt_state=tx.init(params), ema_params=_copy(params))
 
 
-def distill_state(teacher_params, gen_tx, online_tx, ema: bool = True,
-                  online_params=None) -> DistillState:
+def fgm_state(teacher_params, gen_tx, online_tx, ema: bool = True,
+                  online_params=None) -> FGMState:
   """Generator and online flow both start as copies of the teacher (DESIGN.md §2), in
   float32 whatever the teacher's storage dtype (a bf16-held teacher still trains fp32 nets).
   ``teacher_params`` is the generator's start; ``online_params`` (default: the same) the
   online flow's, for the initialisation ablations."""
   gen = _copy(teacher_params, jnp.float32)
   online = _copy(teacher_params if online_params is None else online_params, jnp.float32)
-  return DistillState(step=jnp.zeros((), jnp.int32), gen_params=gen,
+  return FGMState(step=jnp.zeros((), jnp.int32), gen_params=gen,
                       gen_opt_state=gen_tx.init(gen),
                       gen_ema_params=_copy(teacher_params, jnp.float32) if ema else None,
                       online_params=online, online_opt_state=online_tx.init(online))
 
 
-def uses_ema(state: DistillState, use_ema: bool = True) -> bool:
+def uses_ema(state: FGMState, use_ema: bool = True) -> bool:
   """Whether generator_params(state, use_ema) gives the EMA weights: asked for and kept
   (what an export must record, not the flag)."""
   return bool(use_ema) and state.gen_ema_params is not None
 
 
-def generator_params(state: DistillState, use_ema: bool = True):
+def generator_params(state: FGMState, use_ema: bool = True):
   """The generator's EMA weights when asked for and kept, else its weights."""
   return state.gen_ema_params if uses_ema(state, use_ema) else state.gen_params
 

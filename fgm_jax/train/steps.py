@@ -12,9 +12,9 @@ import optax
 
 from fgm_jax import fgm
 from fgm_jax import flow
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.train import optim
-from fgm_jax.train.state import DistillState, TeacherState
+from fgm_jax.train.state import FGMState, TeacherState
 
 
 def velocity_fn(model, params, *, train=False, dropout_rng=None, cond=None):
@@ -27,10 +27,11 @@ def velocity_fn(model, params, *, train=False, dropout_rng=None, cond=None):
   return fn
 
 
-def draw_times(rng, batch, cfg):
+def draw_times(rng, batch, section):
   """Times for a flow-matching loss, from a config with time_sampler/t_min/t_max/... fields."""
-  return flow.sample_time(rng, batch, cfg.time_sampler, t_min=cfg.t_min, t_max=cfg.t_max,
-                          logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=cfg.shift)
+  return flow.sample_time(rng, batch, section.time_sampler, t_min=section.t_min,
+                          t_max=section.t_max, logit_mean=section.logit_mean,
+                          logit_std=section.logit_std, shift=section.shift)
 
 
 def state_finite(state):
@@ -48,14 +49,14 @@ def _apply_updates(tx, grads, opt_state, params):
   return optax.apply_updates(params, updates), opt_state
 
 
-def teacher_step(state: TeacherState, batch, base_rng, *, model, tx, flow_cfg, ema_decay,
+def teacher_step(state: TeacherState, batch, base_rng, *, model, tx, flow_config, ema_decay,
                  mesh):
   """Conditional flow matching on a data batch."""
   rng = jax.random.fold_in(base_rng, state.step)
   rng_t, rng_eps, rng_drop = jax.random.split(rng, 3)
   n = batch.shape[0]
-  t = parallel.constrain_batch(draw_times(rng_t, n, flow_cfg), mesh)
-  eps = parallel.constrain_batch(jax.random.normal(rng_eps, batch.shape, batch.dtype), mesh)
+  t = sharding_lib.constrain_batch(draw_times(rng_t, n, flow_config), mesh)
+  eps = sharding_lib.constrain_batch(jax.random.normal(rng_eps, batch.shape, batch.dtype), mesh)
 
   def loss_fn(params):
     v = velocity_fn(model, params, train=True, dropout_rng=rng_drop)
@@ -70,11 +71,11 @@ def teacher_step(state: TeacherState, batch, base_rng, *, model, tx, flow_cfg, e
                      "state_finite": state_finite(new_state)}
 
 
-def _generator_draws(rng, batch, shape, fgm_cfg, mesh):
+def _generator_draws(rng, batch, shape, fgm_config, mesh):
   rng_z, rng_eps, rng_t = jax.random.split(rng, 3)
-  z = parallel.constrain_batch(jax.random.normal(rng_z, (batch,) + tuple(shape)), mesh)
-  eps = parallel.constrain_batch(jax.random.normal(rng_eps, (batch,) + tuple(shape)), mesh)
-  t = parallel.constrain_batch(draw_times(rng_t, batch, fgm_cfg), mesh)
+  z = sharding_lib.constrain_batch(jax.random.normal(rng_z, (batch,) + tuple(shape)), mesh)
+  eps = sharding_lib.constrain_batch(jax.random.normal(rng_eps, (batch,) + tuple(shape)), mesh)
+  t = sharding_lib.constrain_batch(draw_times(rng_t, batch, fgm_config), mesh)
   return z, eps, t
 
 
@@ -85,7 +86,7 @@ def guided_teacher(model, teacher_params, cond, null_cond, guidance: float, mesh
   if null_cond is None or guidance == 1.0:
     return velocity_fn(model, teacher_params, cond=cond)
   batch = jax.tree.leaves(cond)[0].shape[0]
-  null = jax.tree.map(lambda u: parallel.constrain_batch(
+  null = jax.tree.map(lambda u: sharding_lib.constrain_batch(
       jnp.broadcast_to(u, (batch,) + u.shape[1:]), mesh), null_cond)
 
   def conditional(x, t, c):
@@ -98,24 +99,24 @@ def _ema(ema_params, params, decay):
   return None if ema_params is None else optim.ema_update(ema_params, params, decay)
 
 
-def distill_step(state: DistillState, teacher_params, cond, base_rng, null_cond=None, *,
-                 model, gen_tx, online_tx, fgm_cfg, batch_size, shape, ema_decay, mesh):
-  """One FGM iteration: ``fgm_cfg.online_steps`` online-flow updates, then one generator update.
+def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *,
+                 model, gen_tx, online_tx, fgm_config, batch_size, shape, ema_decay, mesh):
+  """One FGM iteration: ``fgm_config.online_steps`` online-flow updates, then one generator update.
 
   ``cond``: None (unconditional, data-free), or a pytree of per-example conditioning with
   leading axis ``batch_size`` that all three networks see (e.g. prompt embeddings).
   ``null_cond``: the unconditional embedding (leading axis 1); with it the teacher is guided
-  with scale ``fgm_cfg.guidance`` (text-to-image). Generator and online flow see ``cond``.
+  with scale ``fgm_config.guidance`` (text-to-image). Generator and online flow see ``cond``.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  t_star = fgm_cfg.t_star
+  t_star = fgm_config.t_star
   online_params, online_opt_state = state.online_params, state.online_opt_state
   net = functools.partial(velocity_fn, model, cond=cond)
   generator = net(state.gen_params)
 
   online_losses = []
-  for k in range(fgm_cfg.online_steps):
-    z, eps, t = _generator_draws(jax.random.fold_in(rng, k), batch_size, shape, fgm_cfg, mesh)
+  for k in range(fgm_config.online_steps):
+    z, eps, t = _generator_draws(jax.random.fold_in(rng, k), batch_size, shape, fgm_config, mesh)
     x0 = fgm.generator_sample(generator, z, t_star)
 
     def online_loss_fn(params):
@@ -126,15 +127,16 @@ def distill_step(state: DistillState, teacher_params, cond, base_rng, null_cond=
                                                      online_params)
     online_losses.append(loss)
 
-  z, eps, t = _generator_draws(jax.random.fold_in(rng, fgm_cfg.online_steps), batch_size,
-                               shape, fgm_cfg, mesh)
+  z, eps, t = _generator_draws(jax.random.fold_in(rng, fgm_config.online_steps), batch_size,
+                               shape, fgm_config, mesh)
   teacher_v = guided_teacher(model, teacher_params, cond, null_cond,
-                             fgm_cfg.guidance if null_cond is not None else 1.0, mesh)
+                             fgm_config.guidance if null_cond is not None else 1.0, mesh)
   online_v = net(jax.lax.stop_gradient(online_params))
 
   def gen_loss_fn(params):
     x0 = fgm.generator_sample(net(params), z, t_star)
-    return fgm.generator_loss(teacher_v, online_v, x0, eps, t, fgm_cfg.alpha, fgm_cfg.weighting)
+    return fgm.generator_loss(teacher_v, online_v, x0, eps, t, fgm_config.alpha,
+                              fgm_config.weighting)
 
   gen_loss, gen_grads = jax.value_and_grad(gen_loss_fn)(state.gen_params)
   gen_params, gen_opt_state = _apply_updates(gen_tx, gen_grads, state.gen_opt_state,

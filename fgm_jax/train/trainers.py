@@ -15,7 +15,7 @@ loop (loop.py), the evaluators and the pipeline use only this surface, never the
     trainer.traces                               how often each function was traced
     trainer.compile_targets(sample_batch) -> {name: (jitted, abstract args)}  for job=compile
 
-Every function is traced under the run's mesh and logical-axis rules (parallel.ShardingContext).
+Every function is traced under the run's mesh and logical-axis rules (sharding_lib.ShardingContext).
 """
 
 import collections
@@ -28,7 +28,7 @@ from fgm_jax import checkpoint
 from fgm_jax import checkpoint_compat
 from fgm_jax import data as data_lib
 from fgm_jax import models
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.data import arrays
 from fgm_jax.train import keys as keys_lib
 from fgm_jax.train import kinds
@@ -50,8 +50,9 @@ class Trainer:
     self.model_config = model_config
     self.shape = tuple(shape)
     self.keys = keys_lib.run_keys(config.seed)
-    self.sharding = parallel.ShardingContext(mesh, models.sharding_rules(config.mesh, model_config))
-    self.batch_devices = parallel.batch_device_count(mesh)
+    self.sharding = sharding_lib.ShardingContext(
+        mesh, models.sharding_rules(config.mesh, model_config))
+    self.batch_devices = sharding_lib.batch_device_count(mesh)
     self.traces = collections.Counter()
     self._samplers = {}
     self._data = None
@@ -158,13 +159,13 @@ class TeacherTrainer(Trainer):
     self.boxed_state = self.sharding.eval_shape(self._init_boxed)
     self.shardings = self.sharding.shardings(self.boxed_state)
     self.param_shardings = self.shardings.params
-    self.abstract_state = parallel.unbox(self.boxed_state)
-    self._init = self._jit("init", lambda: parallel.unbox(self._init_boxed()),
+    self.abstract_state = sharding_lib.unbox(self.boxed_state)
+    self._init = self._jit("init", lambda: sharding_lib.unbox(self._init_boxed()),
                            out_shardings=self.shardings)
     self._step = self._jit(
         "train_step",
         functools.partial(steps.teacher_step, model=self.model, tx=self.tx,
-                          flow_cfg=config.flow, ema_decay=config.optim.ema_decay, mesh=mesh),
+                          flow_config=config.flow, ema_decay=config.optim.ema_decay, mesh=mesh),
         in_shardings=(self.shardings, self.sharding.batch(), self.sharding.replicated()),
         out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
     self._batches = None
@@ -179,7 +180,7 @@ class TeacherTrainer(Trainer):
     if self._batches is None:
       self._batches = arrays.StepStream(self.data, self.config.batch_size, jax.process_index(),
                                         jax.process_count())
-    batch = parallel.global_batch(self._batches(step), self.mesh)
+    batch = sharding_lib.global_batch(self._batches(step), self.mesh)
     return self._step(state, batch, self.keys.teacher_step)
 
   def close(self):
@@ -209,10 +210,10 @@ class CheckpointTeacher:
   """A teacher that is a finished teacher run (config.teacher.workdir; also what
   fgm_jax.convert.rectified_flow writes): its checkpoint's EMA or raw parameters.
 
-  What a teacher source gives a DistillTrainer: ``model_config`` (the architecture of all
+  What a teacher source gives a FGMTrainer: ``model_config`` (the architecture of all
   three networks), ``shape`` (one example), ``sample`` (the teacher's sampler settings),
   ``data_config``/``data_seed`` (its data, for evaluation; None when it has none) and
-  ``load(mesh)`` -> its parameters in the model's layout. ``sd3/distill.py``'s FolderTeacher is
+  ``load(mesh)`` -> its parameters in the model's layout. ``sd3/trainer.py``'s FolderTeacher is
   the other one.
   """
 
@@ -228,7 +229,7 @@ class CheckpointTeacher:
     return restore_teacher_params(layout, self.run_config)
 
 
-class DistillTrainer(Trainer):
+class FGMTrainer(Trainer):
   """FGM: one-step generator from a frozen teacher ``source`` (default: the teacher run
   named by ``config.teacher``, CheckpointTeacher).
 
@@ -250,23 +251,23 @@ class DistillTrainer(Trainer):
     self.online_tx = optim.make_optimizer(config.online_optim, frozen)
     self.teacher_dtype = config.fgm.teacher_dtype
     boxed_teacher = self.sharding.eval_shape(self._init_params_boxed)  # the model's layout
-    self.abstract_teacher = parallel.unbox(boxed_teacher)
+    self.abstract_teacher = sharding_lib.unbox(boxed_teacher)
     boxed = self.sharding.eval_shape(self._state_from_teacher, boxed_teacher)
     self.shardings = self.sharding.shardings(boxed)
     self.param_shardings = self.sharding.shardings(boxed_teacher)
-    self.abstract_state = parallel.unbox(boxed)
+    self.abstract_state = sharding_lib.unbox(boxed)
     self._frozen_teacher = (None if teacher_params is None
                             else self._place_teacher(teacher_params))
     self.cond_source = cond_source
     self.null_cond = (None if null_cond is None
                       else jax.device_put(null_cond, self.sharding.replicated()))
     self._conds = None
-    self._init = self._jit("init", lambda p: parallel.unbox(self._state_from_teacher(p)),
+    self._init = self._jit("init", lambda p: sharding_lib.unbox(self._state_from_teacher(p)),
                            in_shardings=(self.param_shardings,), out_shardings=self.shardings)
     self._step = self._jit(
         "train_step",
-        functools.partial(steps.distill_step, model=self.model, gen_tx=self.gen_tx,
-                          online_tx=self.online_tx, fgm_cfg=config.fgm,
+        functools.partial(steps.fgm_step, model=self.model, gen_tx=self.gen_tx,
+                          online_tx=self.online_tx, fgm_config=config.fgm,
                           batch_size=config.batch_size, shape=self.shape,
                           ema_decay=config.optim.ema_decay, mesh=mesh),
         in_shardings=(self.shardings, self.param_shardings, self.sharding.batch(),
@@ -282,7 +283,7 @@ class DistillTrainer(Trainer):
         jax.random.fold_in(self.keys.init, tag))
              for name, choice, tag in (("gen", f.init_generator, 1),
                                        ("online", f.init_online, 2))}
-    return state_lib.distill_state(start["gen"], self.gen_tx, self.online_tx,
+    return state_lib.fgm_state(start["gen"], self.gen_tx, self.online_tx,
                                    ema=self.config.optim.ema_decay > 0,
                                    online_params=start["online"])
 
@@ -313,8 +314,8 @@ class DistillTrainer(Trainer):
       if self._conds is None:
         self._conds = arrays.StepStream(self.cond_source, self.config.batch_size,
                                         jax.process_index(), jax.process_count())
-      cond = parallel.global_batch(self._conds(step), self.mesh)
-    return self._step(state, self.frozen_teacher, cond, self.keys.distill_step, self.null_cond)
+      cond = sharding_lib.global_batch(self._conds(step), self.mesh)
+    return self._step(state, self.frozen_teacher, cond, self.keys.fgm_step, self.null_cond)
 
   def close(self):
     if self._conds is not None:
@@ -346,7 +347,7 @@ class DistillTrainer(Trainer):
   def compile_targets(self, sample_batch):
     state = self._abstract_tree(self.abstract_state, self.shardings)
     args = (state, self._abstract_teacher(), self._abstract_cond(self.config.batch_size),
-            self._abstract_key(self.keys.distill_step), self._abstract_null())
+            self._abstract_key(self.keys.fgm_step), self._abstract_null())
     targets = {"train_step": (self._step.jitted, args)}
     gen = self._abstract_tree(self.abstract_state.gen_params, self.param_shardings)
     targets["generator"] = self._generator_target(gen, sample_batch)
@@ -397,7 +398,7 @@ class TrainerKind(NamedTuple):
 
 
 TEACHER = TrainerKind(build=TeacherTrainer, build_abstract=TeacherTrainer)
-FGM = TrainerKind(build=DistillTrainer, build_abstract=DistillTrainer)
+FGM = TrainerKind(build=FGMTrainer, build_abstract=FGMTrainer)
 
 
 def kind(config) -> TrainerKind:

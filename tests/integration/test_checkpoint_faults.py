@@ -30,9 +30,9 @@ def _all_finite(tree):
 
 
 def _read(config, workdir, step):
-  from fgm_jax import parallel
+  from fgm_jax import sharding as sharding_lib
   from fgm_jax.train import trainers
-  trainer = trainers.build(config, parallel.mesh_from_config(config.mesh))
+  trainer = trainers.build(config, sharding_lib.mesh_from_config(config.mesh))
   target = checkpoint.abstract_with_shardings(trainer.abstract_state, trainer.shardings)
   state, _ = checkpoint.read(checkpoint.checkpoint_dir(workdir), step, target)
   return jax.device_get(state)

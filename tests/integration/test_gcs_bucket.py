@@ -267,7 +267,7 @@ def _sd3_chain(local_tmp):
   teacher = [f"--config.sd3.folder={folder}", f"--config.prompt_cache={PROMPTS}"]
   jobs = {
       "prompts": _sd3_cmd("sd3_prompts.py", PROMPTS),
-      "distill": _sd3_cmd("sd3_fgm.py", SD3, *teacher),
+      "fgm": _sd3_cmd("sd3_fgm.py", SD3, *teacher),
       "sample": _sd3_cmd("sd3_fgm.py", SD3, *teacher, "--config.job=sample",
                          f"--config.prompts={PROMPTS}"),
       "export": _sd3_cmd("sd3_fgm.py", SD3, *teacher, "--config.job=export"),

@@ -15,7 +15,7 @@ import pytest
 import fgm_jax
 from fgm_jax import config_checks
 from fgm_jax import main as main_lib
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax import workdir_lock
 from fgm_jax.train import loop
 from fgm_jax.train import run_dir
@@ -154,7 +154,7 @@ def test_run_saved_on_8_devices_with_fsdp_2_resumes_on_1_device(tmp_path):
   loop.train(half, moved, write_metrics=False, progress=False)
   one = config.copy_and_resolve_references()
   one.mesh.fsdp = 1
-  single = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  single = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   _, got = loop.train(one, moved, mesh=single, write_metrics=False, progress=False)
   assert int(got.step) == 20
   for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(jax.device_get(want))):

@@ -14,7 +14,7 @@ import pytest
 
 from fgm_jax import checkpoint
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.models import unet
 from fgm_jax.train import trainers
 from fgm_jax.train import loop
@@ -99,8 +99,8 @@ def _unet_teacher_config():
 
 
 def _meshes():
-  return {"single": parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-          "4x2": parallel.make_mesh(4, 2, 1)}
+  return {"single": sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+          "4x2": sharding_lib.make_mesh(4, 2, 1)}
 
 
 def _teacher_steps(mesh, init_state=None):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.train import run_dir
 from fgm_jax.train import trainers
 from tests import helpers
@@ -139,7 +139,7 @@ def _steps(workdir):
 
 def _reference(config):
   """Losses at the log steps and the final state of one process on all 8 devices."""
-  trainer = trainers.build(config, parallel.mesh_from_config(config.mesh))
+  trainer = trainers.build(config, sharding_lib.mesh_from_config(config.mesh))
   state, losses = trainer.init_state(), {}
   for step in range(config.num_steps):
     state, metrics = trainer.train_step(state, step)

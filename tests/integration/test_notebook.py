@@ -97,7 +97,7 @@ def test_colab_notebook_runs_on_cpu(tmp_path):
   assert "CPU device(s)" in _text(_outputs(nb, "devices = jax.devices()"))
 
   run = _text(_outputs(nb, "fgm_main.run(config, WORKDIR)"))
-  for stage in ("[1/4] teacher", "[2/4] distill", "[3/4] evaluate", "[4/4] report"):
+  for stage in ("[1/4] teacher", "[2/4] fgm", "[3/4] evaluate", "[4/4] report"):
     assert stage in run
   assert "steps/s" in run and "ETA" in run  # the training loops' progress lines
   assert "CheckpointManager" not in run  # orbax's INFO chatter is filtered out

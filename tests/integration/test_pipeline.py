@@ -30,7 +30,7 @@ def test_toy_pipeline_writes_report_and_picture(tmp_path, capsys):
   config = _tiny_pipeline_config()
   main_lib.run(config, str(tmp_path))  # validation and dispatch, as from the command line
   out = capsys.readouterr().out
-  for stage in ("[1/4] teacher", "[2/4] distill", "[3/4] evaluate", "[4/4] report"):
+  for stage in ("[1/4] teacher", "[2/4] fgm", "[3/4] evaluate", "[4/4] report"):
     assert stage in out
   assert "elapsed" in out
 
@@ -46,7 +46,7 @@ def test_toy_pipeline_writes_report_and_picture(tmp_path, capsys):
   assert results["fgm_step"] == config.num_steps
   # Real data is closest to itself; one Euler step of the teacher is far off.
   assert metrics["real_data"]["sliced_w2"] < metrics["teacher_euler_1step"]["sliced_w2"]
-  assert set(results["wall_time_s"]) == {"teacher", "distill", "evaluate"}
+  assert set(results["wall_time_s"]) == {"teacher", "fgm", "evaluate"}
 
   report = (tmp_path / "report.md").read_text()
   for row in ("| real data |", "| teacher 1-step euler |", "| teacher 4-step euler |",
@@ -60,14 +60,14 @@ def test_toy_pipeline_writes_report_and_picture(tmp_path, capsys):
   main_lib.run(config, str(tmp_path))
   out = capsys.readouterr().out
   assert "[1/4] teacher: already trained (60 of 60 steps)" in out
-  assert "[2/4] distill: already trained (20 of 20 steps)" in out
+  assert "[2/4] fgm: already trained (20 of 20 steps)" in out
 
 
 def test_stage_configs_nest_the_teacher_under_the_workdir(tmp_path):
   config = _tiny_pipeline_config()
-  teacher, distill = pipeline.stage_configs(config, str(tmp_path))
-  assert teacher.job == "teacher" and distill.job == "distill"
-  assert distill.teacher.workdir == str(tmp_path / "teacher")
+  teacher, fgm = pipeline.stage_configs(config, str(tmp_path))
+  assert teacher.job == "train" and fgm.job == "train"
+  assert fgm.teacher.workdir == str(tmp_path / "teacher")
   assert teacher.mesh == config.mesh and teacher.model == config.teacher.model
   assert config.job == "pipeline"  # the caller's config is left alone
 
@@ -79,7 +79,7 @@ def test_digits_configs_default_to_the_pipeline_and_still_distil_alone(tmp_path)
   # 1,500 samples: comparable with the real-data floor (train 1,500 vs held-out 297).
   assert c.eval.num_samples == 1500
   config_checks.validate(c)  # the pipeline trains its own teacher: none needed yet
-  c.job = "distill"
+  c.job = "train"
   c.teacher.workdir = str(tmp_path / "no_teacher")
   with pytest.raises(config_checks.ConfigError, match="no teacher checkpoint"):
     config_checks.validate(c)

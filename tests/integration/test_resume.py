@@ -94,7 +94,7 @@ def _runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("resume")
   teacher = helpers.tiny_teacher_config(num_steps=TEACHER_STEPS, every=TEACHER_EVERY)
   teacher.checkpoint.async_save = True
-  out = {"teacher_cfg": teacher}
+  out = {"teacher_config": teacher}
   # Uninterrupted teacher (in this process, same 8-device mesh), and one killed after its
   # step-80 checkpoint, then resumed, through the command line.
   loop.train(teacher, str(root / "teacher_a"), write_metrics=False, progress=False)

@@ -18,7 +18,7 @@ import pytest
 
 from fgm_jax import config_checks
 from fgm_jax import main as main_lib
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.convert import diffusers as dconv
 from fgm_jax.sd3 import one_step
 from fgm_jax.sd3 import sampler
@@ -90,7 +90,7 @@ def _state(config, workdir, mesh=None, step=None):
   if step is None:
     _, state = run_dir.restore_latest(config, workdir, mesh)
   else:
-    trainer = trainers.build(config, mesh or parallel.mesh_from_config(config.mesh))
+    trainer = trainers.build(config, mesh or sharding_lib.mesh_from_config(config.mesh))
     mgr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), async_save=False)
     state, _ = run_dir.restore_or_init(trainer, mgr, step)
     mgr.close()
@@ -202,7 +202,7 @@ def test_conditional_step_on_one_device_equals_eight(inputs, trained, tmp_path):
   """EVERY conditional iterations on one device equal the 8-device run's checkpoint there
   (prompt rows and noise are keyed by step, so the longer run's first steps are the same)."""
   config, workdir = trained
-  one = parallel.make_mesh(devices=jax.devices()[:1])
+  one = sharding_lib.make_mesh(devices=jax.devices()[:1])
   short = config.copy_and_resolve_references()
   short.num_steps = EVERY
   loop.train(short, str(tmp_path / "one"), mesh=one, write_metrics=False, progress=False)

@@ -12,7 +12,7 @@ import pytest
 from configs import sd3_prompts
 from fgm_jax import config_checks
 from fgm_jax import main as main_lib
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.convert import common as convert_common
 from fgm_jax.sd3 import prompt_cache
 from fgm_jax.sd3 import text
@@ -78,7 +78,7 @@ def test_cache_holds_encode_prompt_embeddings(setup):
 def test_one_device_gives_the_same_embeddings(setup):
   config, _, full, root = setup
   single = str(root / "single")
-  prompt_cache.write(config, single, mesh=parallel.make_mesh(1, 1, 1, jax.devices()[:1]))
+  prompt_cache.write(config, single, mesh=sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
   a, b = _files(full), _files(single)
   assert a.keys() == b.keys()
   for name in a:

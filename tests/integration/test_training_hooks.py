@@ -1,5 +1,5 @@
 """The training loop's per-step hooks: the loop calls what its caller passes (it imports no
-evaluation code), and job=teacher/distill pass the hooks the config asks for (plots here)."""
+evaluation code), and job=train/distill pass the hooks the config asks for (plots here)."""
 
 import os
 
@@ -28,7 +28,7 @@ def test_training_job_passes_the_configs_hooks(tmp_path):
   config = helpers.tiny_teacher_config(num_steps=4, every=4)
   assert training_hooks.for_run(None, config, str(tmp_path)) == []  # nothing asked for
   config.log.plot_every = 3
-  main_lib.run(config, str(tmp_path))  # job=teacher, as the command line runs it
+  main_lib.run(config, str(tmp_path))  # job=train, as the command line runs it
   # Every plot_every steps and at the last step.
   assert sorted(os.listdir(tmp_path / "plots")) == ["samples_0000003.png",
                                                     "samples_0000004.png"]

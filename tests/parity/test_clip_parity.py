@@ -56,9 +56,9 @@ def randomise(model, seed):
 
 
 def torch_model(config, seed):
-  cfg = transformers.CLIPTextConfig(**config)
+  hf = transformers.CLIPTextConfig(**config)
   torch.manual_seed(seed)
-  return randomise(transformers.CLIPTextModelWithProjection(cfg), seed)
+  return randomise(transformers.CLIPTextModelWithProjection(hf), seed)
 
 
 def tokens(config, length, seed):
@@ -184,16 +184,16 @@ def test_position_ids_buffer_and_plain_clip_text_model(clip_l):
   config, state = tf.read_folder(str(folder))
   state = dict(state, **{"text_model.embeddings.position_ids": np.arange(77)[None]})
   assert clip_keys.params_from_state(state, config)
-  plain_cfg = dict(config, architectures=["CLIPTextModel"])
+  plain_config = dict(config, architectures=["CLIPTextModel"])
   plain = {k[len("text_model."):]: v for k, v in state.items() if k.startswith("text_model.")}
-  params = clip_keys.params_from_state(plain, plain_cfg)
+  params = clip_keys.params_from_state(plain, plain_config)
   assert "text_projection" not in params
-  out = flax_outputs(plain_cfg, params, ids)
+  out = flax_outputs(plain_config, params, ids)
   assert "text_embeds" not in out
   ref = torch_outputs(model, ids)
   assert rel_err(out["last_hidden_state"], ref["last_hidden_state"]) <= RTOL
   with pytest.raises(common.ConversionError, match="CLIPTextModelWithProjection"):
-    clip_keys.params_from_state(state, plain_cfg)  # has a projection the config lacks
+    clip_keys.params_from_state(state, plain_config)  # has a projection the config lacks
 
 
 def test_wrong_shape_names_key_and_shapes():

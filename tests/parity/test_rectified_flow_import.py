@@ -43,7 +43,7 @@ from configs import cifar10_teacher
 from fgm_jax import checkpoint
 from fgm_jax import checkpoint_compat
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.convert import common
 from fgm_jax.convert import rectified_flow
 from fgm_jax.convert import rectified_flow_keys
@@ -99,8 +99,8 @@ def restored(converted):
   fgm = cifar10_fgm.get_config("rf_teacher,runlocal")
   fgm.teacher.model = NARROW_MODEL
   fgm.teacher.workdir = converted["model"]
-  config_checks.validate(fgm)  # job=distill: the teacher checkpoint exists and fits
-  distiller = trainers.DistillTrainer(fgm, parallel.mesh_from_config(fgm.mesh))
+  config_checks.validate(fgm)  # job=train: the teacher checkpoint exists and fits
+  distiller = trainers.FGMTrainer(fgm, sharding_lib.mesh_from_config(fgm.mesh))
   return {"ema": jax.device_get(trainer.teacher_params(state)),
           "model": jax.device_get(distiller.frozen_teacher)}
 

@@ -139,13 +139,13 @@ def test_sd3_fgm_functions_lower_from_shapes_alone(tmp_path):
   and no weights read (:runlocal's tiny folder gives the shapes); only the compile is skipped.
   The built-in SD3-Medium shape needs no folder at all."""
   from configs import sd3_fgm
-  from fgm_jax import parallel
-  from fgm_jax.sd3 import distill
+  from fgm_jax import sharding as sharding_lib
+  from fgm_jax.sd3 import trainer as sd3_trainer
   from fgm_jax.train import trainers
   c = sd3_fgm.get_config("runlocal")
   c.job = "compile"
   c.mesh.fsdp = 2
-  mesh = parallel.mesh_from_config(c.mesh)
+  mesh = sharding_lib.mesh_from_config(c.mesh)
   c, trainer = trainers.build_abstract(c, str(tmp_path), mesh)
   assert not (tmp_path / "prompt_cache").exists()
   text_len = 77 + c.sd3.t5_length
@@ -164,7 +164,7 @@ def test_sd3_fgm_functions_lower_from_shapes_alone(tmp_path):
 
   medium = sd3_fgm.get_config()
   medium.aot.architecture = "sd3-medium"
-  medium = distill.prepare_architecture(medium, str(tmp_path / "none"))
+  medium = sd3_trainer.prepare_architecture(medium, str(tmp_path / "none"))
   assert medium.teacher.model.num_layers == 24 and tuple(medium.teacher.latent_shape) == (64, 64, 16)
   assert not (tmp_path / "none").exists()
 

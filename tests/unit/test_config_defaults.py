@@ -4,7 +4,7 @@ Read from the source (``ast``). A ``.get(`` is on one of our config sections whe
 is an attribute chain through a section name (``config.eval.get``, ``teacher.data.get``), a
 variable named like a section (``model.get``, ``data_config.get``), or ``config.get("eval")``
 naming a section. ``.get`` on external dicts (config.json, checkpoint metadata, manifests,
-state dicts) is fine and is not matched: those are bare names like ``config``/``cfg``/``meta``
+state dicts) is fine and is not matched: those are bare names like ``config``/``config_json``/``meta``
 with keys that are not our sections.
 """
 
@@ -65,7 +65,7 @@ def test_the_matcher_tells_config_sections_from_external_dicts():
       'config.get("architectures")',             # config.json dicts, metadata, queues: fine
       'meta.get("format")',
       'paths.read_json(p).get("config", {})',
-      'cfg.get("sample_size", 32)',
+      'config_json.get("sample_size", 32)',
       'os.environ.get("HOME")',
   ]))
   assert found == [1, 2, 3, 4, 5]

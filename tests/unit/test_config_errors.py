@@ -67,6 +67,26 @@ def test_run_kind_is_declared_and_checked(tmp_path, no_compile):
           "config.fgm", "configs/toy2d_fgm.py")
 
 
+@pytest.mark.parametrize("old", ["teacher", "distill"])
+def test_job_names_from_before_train_are_refused_with_the_new_one(tmp_path, no_compile, old):
+  """job=teacher and job=distill became job=train (config.trainer says what trains)."""
+  c = helpers.tiny_fgm_config(str(tmp_path / "teacher"))
+  c.job = old
+  _expect(c, tmp_path, f"config.job={old!r} is now 'train'", "config.trainer (here 'fgm')",
+          "--config.job=train")
+
+
+def test_checkpoints_saved_as_distill_runs_still_match(tmp_path):
+  """Fingerprints saved when the FGM run's kind was called 'distill' resume under 'fgm'."""
+  c = helpers.tiny_fgm_config(str(tmp_path / "teacher"))
+  meta = {"fingerprint": {**checkpoint_compat.fingerprint(c), "kind": "distill"}}
+  assert checkpoint_compat.fingerprint(c)["kind"] == "fgm"
+  checkpoint_compat.compare_with_saved(c, meta, str(tmp_path))
+  meta["fingerprint"]["kind"] = "teacher"
+  with pytest.raises(config_checks.ConfigError, match="checkpoint kind"):
+    checkpoint_compat.compare_with_saved(c, meta, str(tmp_path))
+
+
 def test_unknown_toy_distribution(tmp_path, no_compile):
   c = helpers.tiny_teacher_config()
   c.data.distribution = "spiral"

@@ -81,8 +81,8 @@ def test_flax_to_diffusers(tmp_path, flax_model, max_shard_bytes):
 
 
 def test_registry_builds_from_config_dict():
-  cfg = ml_collections.ConfigDict(configs.mmdit(**CONFIG, dtype="bfloat16"))
-  module = models.build(cfg)
+  model_config = ml_collections.ConfigDict(configs.mmdit(**CONFIG, dtype="bfloat16"))
+  module = models.build(model_config)
   assert isinstance(module, mmdit.MMDiT)
   assert module.dual_attention_layers == (1,) and module.dtype == np.dtype("bfloat16")
   with pytest.raises(ValueError, match="num_layer"):

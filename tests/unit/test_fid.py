@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fgm_jax import config_checks
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.evaluation import fid
 from fgm_jax.evaluation import inception
 
@@ -83,8 +83,8 @@ def random_inception():
 
 
 def _extractor(variables, devices, batch_size=8):
-  mesh = parallel.make_mesh(data=len(devices), devices=devices)
-  return fid.FeatureExtractor(variables, parallel.ShardingContext(mesh), batch_size, SMALL)
+  mesh = sharding_lib.make_mesh(data=len(devices), devices=devices)
+  return fid.FeatureExtractor(variables, sharding_lib.ShardingContext(mesh), batch_size, SMALL)
 
 
 @pytest.fixture(scope="module")

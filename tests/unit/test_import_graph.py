@@ -146,7 +146,7 @@ def describe_cycles(graph: dict[str, set[str]]) -> list[str]:
 JOBS = ("fgm_jax.train_job", "fgm_jax.pipeline", "fgm_jax.main", "fgm_jax.aot")
 FLOORS = {
     ("fgm_jax.flow", "fgm_jax.fgm", "fgm_jax.models", "fgm_jax.params_tree",
-     "fgm_jax.registry", "fgm_jax.parallel"):
+     "fgm_jax.registry", "fgm_jax.sharding"):
         ("fgm_jax.train", "fgm_jax.evaluation", "fgm_jax.sd3", "fgm_jax.export",
          "fgm_jax.checkpoint", "fgm_jax.convert", "fgm_jax.data", "fgm_jax.config_checks")
         + JOBS,

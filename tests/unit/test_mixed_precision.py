@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from configs import digits_fgm
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.models import unet
 from fgm_jax.train import trainers
 
@@ -57,7 +57,7 @@ def random_teacher(abstract):
 
 
 def run(dtype, mesh, teacher):
-  trainer = trainers.DistillTrainer(config(dtype), mesh, teacher_params=teacher)
+  trainer = trainers.FGMTrainer(config(dtype), mesh, teacher_params=teacher)
   state = trainer.init_state()
   history = []
   for step in range(ITERATIONS):
@@ -70,8 +70,8 @@ def run(dtype, mesh, teacher):
 
 @pytest.fixture(scope="module")
 def runs():
-  mesh = parallel.make_mesh(1, 1, 1, jax.devices()[:1])
-  layout = trainers.DistillTrainer(config("float32"), mesh)  # shapes only, compiles nothing
+  mesh = sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+  layout = trainers.FGMTrainer(config("float32"), mesh)  # shapes only, compiles nothing
   teacher = random_teacher(layout.abstract_state.gen_params)
   return {"teacher": teacher, "float32": run("float32", mesh, teacher),
           "bfloat16": run("bfloat16", mesh, teacher)}

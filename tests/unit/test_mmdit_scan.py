@@ -22,7 +22,8 @@ from flax import linen as nn  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 from configs import common as configs  # noqa: E402
-from fgm_jax import models, parallel  # noqa: E402
+from fgm_jax import models  # noqa: E402
+from fgm_jax import sharding as sharding_lib  # noqa: E402
 from fgm_jax.convert import common, mmdit_keys  # noqa: E402
 from fgm_jax.models import mmdit  # noqa: E402
 from tests.parity.reference.mmdit_reference import random_inputs, random_params  # noqa: E402
@@ -216,9 +217,9 @@ def test_stacked_params_shard_like_their_blocks(rules, shape):
   unrolled_module, module = modules(dict(DUAL, num_attention_heads=4, caption_projection_dim=32))
   boxed = mmdit.abstract_variables(module, height=4, width=4, text_len=2)["params"]
   boxed_ref = mmdit.abstract_variables(unrolled_module, height=4, width=4, text_len=2)["params"]
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), parallel.MESH_AXES)
-  shardings = parallel.tree_shardings(boxed, mesh, rules)
-  shardings_ref = parallel.tree_shardings(boxed_ref, mesh, rules)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), sharding_lib.MESH_AXES)
+  shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
+  shardings_ref = sharding_lib.tree_shardings(boxed_ref, mesh, rules)
   is_box = lambda b: isinstance(b, nn.LogicallyPartitioned)
   run = "transformer_blocks_0_to_1"
   names = common.flatten(jax.tree.map(lambda b: b.names, boxed[run], is_leaf=is_box))

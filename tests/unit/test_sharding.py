@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.train import trainers
 from tests import helpers
 
@@ -13,15 +13,15 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8,
 
 
 def _meshes():
-  return {"single": parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-          "4x2": parallel.make_mesh(4, 2, 1)}
+  return {"single": sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+          "4x2": sharding_lib.make_mesh(4, 2, 1)}
 
 
 def _run_distill(mesh, iterations=20):
-  teacher_cfg = helpers.tiny_teacher_config()
-  teacher = trainers.TeacherTrainer(teacher_cfg, mesh).init_state()  # same seed -> same values
+  teacher_config = helpers.tiny_teacher_config()
+  teacher = trainers.TeacherTrainer(teacher_config, mesh).init_state()  # same seed -> same values
   config = helpers.tiny_fgm_config("unused")
-  trainer = trainers.DistillTrainer(config, mesh, teacher_params=teacher.params)
+  trainer = trainers.FGMTrainer(config, mesh, teacher_params=teacher.params)
   state = trainer.init_state()
   losses = []
   for step in range(iterations):
@@ -83,6 +83,6 @@ def test_teacher_steps_match_across_meshes():
 
 
 def test_shape_rule():
-  assert parallel.shape_rule_spec((32, 64), 2) == jax.sharding.PartitionSpec(None, "fsdp")
-  assert parallel.shape_rule_spec((3,), 2) == jax.sharding.PartitionSpec()
-  assert parallel.shape_rule_spec((6, 5), 1) == jax.sharding.PartitionSpec()
+  assert sharding_lib.shape_rule_spec((32, 64), 2) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sharding_lib.shape_rule_spec((3,), 2) == jax.sharding.PartitionSpec()
+  assert sharding_lib.shape_rule_spec((6, 5), 1) == jax.sharding.PartitionSpec()

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.data import arrays
 from fgm_jax.models import mmdit
 from fgm_jax.train import trainers
@@ -33,7 +33,7 @@ TEXT_LEN, PROMPTS, STEPS = 5, 24, 2
 
 
 def distill_config(fsdp):
-  teacher = common.base("teacher", "teacher")
+  teacher = common.base("train", "teacher")
   teacher.model = ml_collections.ConfigDict(MMDIT)
   # Only the example shape is read: the distill step draws no data, only conditioning rows.
   teacher.data = dict(name="tfds", tfds_name="unused", shape=(8, 8, 4))
@@ -41,7 +41,7 @@ def distill_config(fsdp):
   teacher.flow = common.times()
   teacher.workdir = "unused"
   teacher.use_ema = True
-  c = common.base("distill", "fgm")
+  c = common.base("train", "fgm")
   c.teacher = teacher
   c.mesh = common.mesh(fsdp=fsdp)  # no rules: the trainer must take MM-DiT's own
   c.batch_size = 8
@@ -61,7 +61,7 @@ def prompt_embeddings():
 def run(mesh, fsdp, teacher_params):
   config = distill_config(fsdp)
   assert tuple(config.mesh.rules) == ()
-  trainer = trainers.DistillTrainer(config, mesh, teacher_params=teacher_params,
+  trainer = trainers.FGMTrainer(config, mesh, teacher_params=teacher_params,
                                     cond_source=arrays.RowSource(prompt_embeddings(), seed=3))
   state = trainer.init_state()
   losses = []
@@ -74,11 +74,11 @@ def run(mesh, fsdp, teacher_params):
 
 @pytest.fixture(scope="module")
 def runs():
-  layout = trainers.DistillTrainer(distill_config(1), parallel.make_mesh(1, 1, 1,
+  layout = trainers.FGMTrainer(distill_config(1), sharding_lib.make_mesh(1, 1, 1,
                                                                         jax.devices()[:1]))
   teacher = random_params(layout.abstract_state.gen_params)
-  return {"fsdp4": run(parallel.make_mesh(-1, 4, 1), 4, teacher),
-          "single": run(parallel.make_mesh(1, 1, 1, jax.devices()[:1]), 1, teacher),
+  return {"fsdp4": run(sharding_lib.make_mesh(-1, 4, 1), 4, teacher),
+          "single": run(sharding_lib.make_mesh(1, 1, 1, jax.devices()[:1]), 1, teacher),
           "teacher": teacher}
 
 

@@ -23,8 +23,8 @@ CIFAR = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
 T1 = jax.ShapeDtypeStruct((1,), jnp.float32)
 
 
-def _param_shapes(cfg, x=CIFAR, t=T1):
-  module = unet.from_config(cfg)
+def _param_shapes(config, x=CIFAR, t=T1):
+  module = unet.from_config(config)
   return module, jax.eval_shape(module.init, jax.random.key(0), x, t)
 
 
@@ -278,7 +278,7 @@ def test_config_validation_names_the_field():
     unet.from_config(unet.tiny(encoder_type="pyramid"))
   with pytest.raises(ValueError, match="decoder_type"):
     unet.from_config(unet.tiny(decoder_type="residual"))
-  cfg = unet.tiny()
-  cfg.channels = 3
+  config = unet.tiny()
+  config.channels = 3
   with pytest.raises(ValueError, match="channels"):
-    unet.from_config(cfg)
+    unet.from_config(config)

@@ -8,7 +8,7 @@ import pytest
 
 from fgm_jax import config_checks
 from fgm_jax import fgm
-from fgm_jax import parallel
+from fgm_jax import sharding as sharding_lib
 from fgm_jax.train import trainers
 from tests import helpers
 
@@ -16,10 +16,10 @@ from tests import helpers
 def _start(gen, online):
   c = helpers.tiny_fgm_config("unused")
   c.fgm.init_generator, c.fgm.init_online = gen, online
-  mesh = parallel.mesh_from_config(c.mesh)
+  mesh = sharding_lib.mesh_from_config(c.mesh)
   teacher = trainers.TeacherTrainer(trainers._teacher_run_config(c), mesh)
   teacher_params = jax.device_get(teacher.init_state().params)
-  state = trainers.DistillTrainer(c, mesh, teacher_params=teacher_params).init_state()
+  state = trainers.FGMTrainer(c, mesh, teacher_params=teacher_params).init_state()
   leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
   return leaves(teacher_params), leaves(state.gen_params), leaves(state.online_params), \
       leaves(state.gen_ema_params)

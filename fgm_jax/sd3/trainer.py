@@ -4,7 +4,7 @@
         --config.sd3.folder=stable-diffusion-3-medium-diffusers \\
         --config.prompt_cache=runs/prompts          # written by configs/sd3_prompts.py
 
-The same FGM step as every other run (train/steps.distill_step), with conditioning:
+The same FGM step as every other run (train/steps.fgm_step), with conditioning:
 
   * each iteration draws a global batch of prompt embeddings from the cache, keyed by step
     (data.arrays.RowSource), so a resumed run sees the same prompts;
@@ -41,7 +41,7 @@ def _read_json(path):
     return json.load(f)
 
 
-def transformer_config(folder: str) -> dict:
+def transformer_json(folder: str) -> dict:
   """The folder's transformer/config.json, after checking that it is an SD3 MM-DiT."""
   text.require_part(os.path.join(folder, "transformer", "config.json"), "transformer/")
   index = os.path.join(folder, "model_index.json")
@@ -52,18 +52,19 @@ def transformer_config(folder: str) -> dict:
           f"config.sd3.folder={folder!r} is a {pipeline} folder, not an SD3 one "
           f"({PIPELINE_CLASS}); point it at stable-diffusion-3-medium-diffusers or another "
           "SD3 folder.")
-  cfg = _read_json(os.path.join(folder, "transformer", "config.json"))
-  if cfg.get("_class_name") != TRANSFORMER_CLASS:
+  config_json = _read_json(os.path.join(folder, "transformer", "config.json"))
+  if config_json.get("_class_name") != TRANSFORMER_CLASS:
     raise config_checks.ConfigError(
-        f"config.sd3.folder={folder!r}: transformer/ holds a {cfg.get('_class_name')}, not an "
+        f"config.sd3.folder={folder!r}: transformer/ holds a "
+        f"{config_json.get('_class_name')}, not an "
         f"{TRANSFORMER_CLASS}; FGM here distils SD3's MM-DiT.")
-  return cfg
+  return config_json
 
 
-def _architecture(transformer_cfg: dict) -> dict:
+def _architecture(transformer_json: dict) -> dict:
   from fgm_jax.models import mmdit
   return {k: (list(v) if isinstance(v, tuple) else v)
-          for k, v in ((k, transformer_cfg.get(k, d))
+          for k, v in ((k, transformer_json.get(k, d))
                        for k, d in mmdit.DIFFUSERS_DEFAULTS.items())}
 
 
@@ -111,7 +112,7 @@ def prepare_architecture(config, workdir):
     arch, down = _architecture(mmdit.ARCHITECTURES[name]), BUILT_IN_DOWNSCALE
   else:
     c = tiny.resolve(c, workdir).copy_and_resolve_references()
-    arch = _architecture(transformer_config(c.sd3.folder))
+    arch = _architecture(transformer_json(c.sd3.folder))
     down = latent_downscale(c.sd3.folder)
   if "aot" in c and c.aot.num_layers:  # compile-time studies at other depths
     arch["num_layers"] = c.aot.num_layers
@@ -187,20 +188,20 @@ def load_conditioning(config):
 
 
 def build_trainer(config, mesh):
-  """The DistillTrainer of an SD3 FGM run: teacher from the folder, prompts from the cache."""
+  """The FGMTrainer of an SD3 FGM run: teacher from the folder, prompts from the cache."""
   from fgm_jax.data import arrays
   rows, null = load_conditioning(config)
-  return SD3DistillTrainer(config, mesh, source=FolderTeacher(config),
+  return SD3FGMTrainer(config, mesh, source=FolderTeacher(config),
                            cond_source=arrays.RowSource(rows, config.seed),
                            null_cond=null if config.fgm.guidance != 1.0 else None)
 
 
 def build_abstract(config, mesh):
   """job=compile: shapes only (no weights, no prompt cache)."""
-  return SD3DistillTrainer(config, mesh, source=FolderTeacher(config))
+  return SD3FGMTrainer(config, mesh, source=FolderTeacher(config))
 
 
-class SD3DistillTrainer(trainers.DistillTrainer):
+class SD3FGMTrainer(trainers.FGMTrainer):
   """FGM on prompts; pictures come from job=sample (they need the VAE and the prompts)."""
 
   def samples(self, state, n, seed, use_ema=True):
