@@ -99,19 +99,30 @@ def _ema(ema_params, params, decay):
   return None if ema_params is None else optim.ema_update(ema_params, params, decay)
 
 
-def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *,
-                 model, gen_tx, online_tx, fgm_config, batch_size, shape, ema_decay, mesh):
-  """One FGM iteration: ``fgm_config.online_steps`` online-flow updates, then one generator update.
+def _trainable_only(trainable, teacher_params):
+  del teacher_params
+  return trainable
+
+
+def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *, model, gen_tx,
+             online_tx, fgm_config, batch_size, shape, ema_decay, mesh,
+             compose=_trainable_only):
+  """One FGM iteration: ``fgm_config.online_steps`` online-flow updates, then one generator
+  update.
 
   ``cond``: None (unconditional, data-free), or a pytree of per-example conditioning with
   leading axis ``batch_size`` that all three networks see (e.g. prompt embeddings).
   ``null_cond``: the unconditional embedding (leading axis 1); with it the teacher is guided
   with scale ``fgm_config.guidance`` (text-to-image). Generator and online flow see ``cond``.
+  ``compose(trainable, teacher_params)``: the parameters the model applies for a trained
+  network (generator, online flow) -- the trainable tree itself, or e.g. low-rank adapters
+  over the frozen teacher's weights.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   t_star = fgm_config.t_star
   online_params, online_opt_state = state.online_params, state.online_opt_state
-  net = functools.partial(velocity_fn, model, cond=cond)
+  apply = functools.partial(velocity_fn, model, cond=cond)
+  net = lambda trainable: apply(compose(trainable, teacher_params))
   generator = net(state.gen_params)
 
   online_losses = []
