@@ -91,10 +91,19 @@ def fgm(alpha=1.0, weighting="sid_norm", t_star=1.0):
   """FGM loss settings; the defaults are DESIGN.md's (uniform t in [0, 1], one online-flow
   update per generator update). guidance: the teacher's CFG scale in conditional runs (1: no
   guidance); teacher_dtype: how the frozen teacher is held on the devices; init_generator /
-  init_online: 'teacher' (DESIGN.md) or 'random' (the model's own init; ablations)."""
+  init_online: 'teacher' (DESIGN.md) or 'random' (the model's own init; ablations).
+  real_data: RealUID's real-data supervision (fgm.py; off: FGM is data-free); its alpha and
+  beta are the paper's, not config.fgm.alpha (with it on, config.fgm.alpha must be 0.5)."""
   return dict(alpha=alpha, weighting=weighting, t_star=t_star, online_steps=1, guidance=1.0,
               teacher_dtype="float32", init_generator="teacher", init_online="teacher",
-              **times())
+              real_data=real_data(), **times())
+
+
+def real_data(enabled=False, alpha=1.0, beta=1.0):
+  """config.fgm.real_data (RealUID, Kornilov et al. 2026; DESIGN.md §2): the FGM run reads
+  its teacher's data source as a second, step-keyed stream. Their headline: unconditional
+  alpha 0.92, beta 0.94 (beta/alpha about 1.02); conditional 0.98, 0.96."""
+  return dict(enabled=enabled, alpha=alpha, beta=beta)
 
 
 def evaluation(num_samples):

@@ -82,7 +82,12 @@ def check_fgm_inputs(config):
 
 
 def check_fgm_settings(config):
-  """What SD3 FGM asks beyond every FGM run: t*=1, no training pictures, image sizes."""
+  """What SD3 FGM asks beyond every FGM run: t*=1, no training pictures, image sizes, no
+  real data (its teacher is a folder without a data source)."""
+  require(not config.fgm.real_data.enabled,
+          "config.fgm.real_data.enabled=True: an SD3 FGM run is data-free (its teacher is a "
+          "diffusers folder with no image data source to read real examples from); set "
+          "--config.fgm.real_data.enabled=False.")
   require(
       config.fgm.t_star == 1.0,
       f"config.fgm.t_star={config.fgm.t_star}: SD3 FGM uses t_star=1, the generator "

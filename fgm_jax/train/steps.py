@@ -104,8 +104,8 @@ def _trainable_only(trainable, teacher_params):
   return trainable
 
 
-def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *, model, gen_tx,
-             online_tx, fgm_config, batch_size, shape, ema_decay, mesh,
+def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, real=None, *,
+             model, gen_tx, online_tx, fgm_config, batch_size, shape, ema_decay, mesh,
              compose=_trainable_only):
   """One FGM iteration: ``fgm_config.online_steps`` online-flow updates, then one generator
   update.
@@ -117,6 +117,8 @@ def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *,
   ``compose(trainable, teacher_params)``: the parameters the model applies for a trained
   network (generator, online flow) -- the trainable tree itself, or e.g. low-rank adapters
   over the frozen teacher's weights.
+  ``real``: with config.fgm.real_data on (RealUID), ``online_steps * batch_size`` real
+  examples, one batch per online update, sharing that update's t and eps index by index.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   t_star = fgm_config.t_star
@@ -125,13 +127,18 @@ def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *,
   net = lambda trainable: apply(compose(trainable, teacher_params))
   generator = net(state.gen_params)
 
+  real_data = fgm_config.real_data
   online_losses = []
   for k in range(fgm_config.online_steps):
     z, eps, t = _generator_draws(jax.random.fold_in(rng, k), batch_size, shape, fgm_config, mesh)
     x0 = fgm.generator_sample(generator, z, t_star)
 
     def online_loss_fn(params):
-      return fgm.online_flow_loss(net(params), x0, eps, t)
+      if not real_data.enabled:
+        return fgm.online_flow_loss(net(params), x0, eps, t)
+      x0_real = sharding_lib.constrain_batch(real[k * batch_size:(k + 1) * batch_size], mesh)
+      return fgm.real_data_online_loss(net(params), x0, x0_real, eps, t, real_data.alpha,
+                                       real_data.beta)
 
     loss, grads = jax.value_and_grad(online_loss_fn)(online_params)
     online_params, online_opt_state = _apply_updates(online_tx, grads, online_opt_state,
@@ -146,6 +153,10 @@ def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, *,
 
   def gen_loss_fn(params):
     x0 = fgm.generator_sample(net(params), z, t_star)
+    if real_data.enabled:
+      return fgm.real_data_generator_loss(teacher_v, online_v, x0, eps, t, real_data.alpha,
+                                          real_data.beta, fgm_config.alpha,
+                                          fgm_config.weighting)
     return fgm.generator_loss(teacher_v, online_v, x0, eps, t, fgm_config.alpha,
                               fgm_config.weighting)
 

@@ -271,8 +271,10 @@ class FGMTrainer(Trainer):
                           batch_size=config.batch_size, shape=self.shape,
                           ema_decay=config.optim.ema_decay, mesh=mesh),
         in_shardings=(self.shardings, self.param_shardings, self.sharding.batch(),
-                      self.sharding.replicated(), self.sharding.replicated()),
+                      self.sharding.replicated(), self.sharding.replicated(),
+                      self.sharding.batch()),
         out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
+    self._reals = None
 
   def _state_from_teacher(self, teacher_params):
     """Generator and online flow from the teacher (DESIGN.md), or -- for the initialisation
@@ -315,12 +317,28 @@ class FGMTrainer(Trainer):
         self._conds = arrays.StepStream(self.cond_source, self.config.batch_size,
                                         jax.process_index(), jax.process_count())
       cond = sharding_lib.global_batch(self._conds(step), self.mesh)
-    return self._step(state, self.frozen_teacher, cond, self.keys.fgm_step, self.null_cond)
+    return self._step(state, self.frozen_teacher, cond, self.keys.fgm_step, self.null_cond,
+                      self._real_batch(step))
+
+  def _real_batch(self, step: int):
+    """RealUID's real examples of iteration ``step`` (None when config.fgm.real_data is off):
+    the teacher's data source read as a second step-keyed stream, one batch per online
+    update, each process reading its slice (as the teacher job does), so resume is exact."""
+    if not self.config.fgm.real_data.enabled:
+      return None
+    if self._reals is None:
+      self._reals = arrays.StepStream(self.data, self._real_rows(), jax.process_index(),
+                                      jax.process_count())
+    return sharding_lib.global_batch(self._reals(step), self.mesh)
+
+  def _real_rows(self):
+    return self.config.batch_size * self.config.fgm.online_steps
 
   def close(self):
-    if self._conds is not None:
-      self._conds.close()
-      self._conds = None
+    for stream in (self._conds, self._reals):
+      if stream is not None:
+        stream.close()
+    self._conds = self._reals = None
 
   def samples(self, state, n, seed, use_ema=True):
     """The one-step generator's samples."""
@@ -344,10 +362,16 @@ class FGMTrainer(Trainer):
   def _abstract_null(self):
     return None
 
+  def _abstract_real(self):
+    if not self.config.fgm.real_data.enabled:
+      return None
+    return self._abstract((self._real_rows(),) + tuple(self.shape), jax.numpy.float32,
+                          self.sharding.batch())
+
   def compile_targets(self, sample_batch):
     state = self._abstract_tree(self.abstract_state, self.shardings)
     args = (state, self._abstract_teacher(), self._abstract_cond(self.config.batch_size),
-            self._abstract_key(self.keys.fgm_step), self._abstract_null())
+            self._abstract_key(self.keys.fgm_step), self._abstract_null(), self._abstract_real())
     targets = {"train_step": (self._step.jitted, args)}
     gen = self._abstract_tree(self.abstract_state.gen_params, self.param_shardings)
     targets["generator"] = self._generator_target(gen, sample_batch)
