@@ -93,6 +93,31 @@ def read(directory: str, step: int, abstract_state):
   return state, meta
 
 
+def saved_tree(directory: str, step: int) -> dict:
+  """The saved state's structure as nested dicts of array metadata (no array is read)."""
+  path = step_path(directory, step)
+  try:
+    return _handler("state").metadata(path / "state").tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorruptError(step, str(path), _root_cause(e)) from e
+
+
+def read_branches(directory: str, step: int, target: dict) -> dict:
+  """Only the branches of the saved state that ``target`` names ({field: abstract tree with
+  shardings}, nested dicts for deeper branches), placed as their shardings say. orbax's
+  partial restore: the other arrays' chunks are never read (an FGM checkpoint holds seven
+  generator-sized trees; job=sample needs one)."""
+  path = step_path(directory, step)
+  _drop_closed_loop_noise()
+  args = ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)
+  try:
+    return _handler("branches").restore(path / "state", args=args)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorruptError(step, str(path), _root_cause(e)) from e
+
+
 def _read_json(step_dir) -> dict:
   return _handler("meta").restore(step_dir / "meta", args=ocp.args.JsonRestore())
 
@@ -101,6 +126,8 @@ def _read_json(step_dir) -> dict:
 def _handler(item: str):
   """One orbax handler per item kind for the whole process: closing one after a failed read
   leaves TensorStore callbacks aimed at a closed event loop."""
+  if item == "branches":  # partial restores of a state saved by the "state" handler
+    return ocp.PyTreeCheckpointHandler()
   return ocp.StandardCheckpointHandler() if item == "state" else ocp.JsonCheckpointHandler()
 
 

@@ -53,20 +53,19 @@ def export(config, workdir):
     raise config_checks.ConfigError(
         f"config.job='export' writes unconditional one-step generators (MLP / U-Net); "
         f"model.name={model_config.name!r} needs conditioning, whose export is not built yet.")
-  trainer, state = run_dir.restore_latest(config, workdir)
   e = config.export
-  from fgm_jax.train import state as state_lib
-  params = state_lib.generator_params(state, e.use_ema)
+  # The generator's weights alone: not the online flow, the optimizer states or the teacher.
+  generator = run_dir.restore_generator(config, workdir, "ema" if e.use_ema else "raw")
   out = e.output or os.path.join(workdir, "generator")
   flat = {"/".join(path): np.asarray(x)
-          for path, x in params_tree.flatten(jax.device_get(params)).items()}
+          for path, x in params_tree.flatten(jax.device_get(generator.params)).items()}
   meta = {
       "format": FORMAT,
       "model": model_config.to_dict(),
       "t_star": float(config.fgm.t_star),
-      "example_shape": list(trainer.shape),
-      "use_ema": state_lib.uses_ema(state, e.use_ema),  # what was written, not the flag
-      "step": int(state.step),
+      "example_shape": list(generator.trainer.shape),
+      "use_ema": generator.weights != "raw",  # what was written, not the flag
+      "step": generator.step,
       "parameters": int(sum(x.size for x in flat.values())),
       "teacher": _trained_teacher(config, workdir),
       "fgm": config.fgm.to_dict(),

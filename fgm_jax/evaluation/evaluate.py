@@ -31,6 +31,9 @@ def sample(config, workdir):
   if export.is_artifact(workdir):
     x = export.load_generator(workdir).sample(s.num, s.seed)
     samples = sampling.generator_set(x)
+  elif config_checks.is_fgm(config):  # the generator's weights alone: no teacher, no optimizer
+    generator = run_dir.restore_generator(config, workdir, "ema" if s.use_ema else "raw")
+    samples = generator.trainer.generator_samples(generator.params, s.num, s.seed)
   else:
     trainer, state = run_dir.restore_latest(config, workdir)
     samples = trainer.samples(state, s.num, s.seed, s.use_ema)

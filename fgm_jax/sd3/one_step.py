@@ -34,15 +34,11 @@ EXPORT_NOTE = "fgm_jax.json"
 
 def restore_generator(config, workdir, use_ema=True):
   """(prepared config, trainer, step, generator params on the host, 'ema' or 'raw': which
-  weights those are) of the newest checkpoint; a run without EMA gives its raw weights."""
+  weights those are) of the newest checkpoint; a run without EMA gives its raw weights. Only
+  those weights are read (run_dir.restore_generator): no teacher, prompt cache or optimizer."""
   from fgm_jax.train import run_dir
-  from fgm_jax.train import state as state_lib
-  from fgm_jax.train import trainers
-  config = trainers.prepare(config, workdir)
-  trainer, state = run_dir.restore_latest(config, workdir)
-  params = jax.device_get(state_lib.generator_params(state, use_ema))
-  weights = "ema" if state_lib.uses_ema(state, use_ema) else "raw"
-  return config, trainer, int(state.step), params, weights
+  g = run_dir.restore_generator(config, workdir, "ema" if use_ema else "raw")
+  return g.config, g.trainer, g.step, jax.device_get(g.params), g.weights
 
 
 def sampling_config(config):

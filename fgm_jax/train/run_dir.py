@@ -5,6 +5,8 @@ workdir. It sits below all of them (they import it, it imports none of them), so
 and export reach a run's state without importing the loop.
 """
 
+from typing import Any, NamedTuple
+
 from absl import logging
 
 from fgm_jax import checkpoint
@@ -94,9 +96,8 @@ def restore_newest_readable(trainer, mgr):
   return trainer.init_state(), 0
 
 
-def restore_latest(config, workdir, mesh=None):
-  """(trainer, state) of the newest checkpoint in ``workdir``, or a clear error."""
-  mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
+def newest_step(workdir) -> int:
+  """The newest checkpoint's step in ``workdir``, or a clear error."""
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   step = checkpoint.latest_step(ckpt_dir)
   if step is None:
@@ -104,9 +105,39 @@ def restore_latest(config, workdir, mesh=None):
         f"--workdir={workdir} holds no checkpoint (looked in {ckpt_dir}). Train first with "
         f"--config.job=train and the same --workdir, or point "
         "--workdir at a finished run.")
+  return step
+
+
+def restore_latest(config, workdir, mesh=None):
+  """(trainer, state) of the newest checkpoint in ``workdir``, or a clear error."""
+  mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  step = newest_step(workdir)
   checkpoint_compat.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
   trainer = trainers.build(config, mesh)
   mgr = checkpoint.manager(ckpt_dir, async_save=False)
   state, _ = restore_or_init(trainer, mgr, step)
   mgr.close()
   return trainer, state
+
+
+class RestoredGenerator(NamedTuple):
+  config: Any  # the run's config as prepared for its kind (e.g. an SD3 folder's sizes)
+  trainer: Any  # shapes and jitted functions only: no teacher, data or prompt cache
+  params: Any  # the generator's weights, laid out on the devices
+  step: int
+  weights: str  # which weights those are ('ema' of a run without EMA gives 'raw')
+
+
+def restore_generator(config, workdir, weights="ema", mesh=None) -> RestoredGenerator:
+  """The generator weights ``weights`` ('ema', 'raw') of the newest checkpoint of the FGM
+  run in ``workdir``, read alone: not the online flow, the optimizer states, the other
+  weights or the teacher (what job=sample and job=export need)."""
+  mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
+  step = newest_step(workdir)
+  config, trainer = trainers.build_abstract(config, workdir, mesh)
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  checkpoint_compat.compare_with_saved(config, checkpoint.read_meta(ckpt_dir, step), workdir)
+  params, weights = trainers.read_generator(trainer, ckpt_dir, step, weights)
+  logging.info("Read the %s generator weights of the checkpoint of step %d.", weights, step)
+  return RestoredGenerator(config, trainer, params, step, weights)

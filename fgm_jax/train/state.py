@@ -57,15 +57,39 @@ def fgm_state(teacher_params, gen_tx, online_tx, ema: bool = True,
                       online_params=online, online_opt_state=online_tx.init(online))
 
 
-def uses_ema(state: FGMState, use_ema: bool = True) -> bool:
-  """Whether generator_params(state, use_ema) gives the EMA weights: asked for and kept
-  (what an export must record, not the flag)."""
-  return bool(use_ema) and state.gen_ema_params is not None
+# The generator weights a run keeps, by name: 'raw', the trained weights; 'ema', their EMA at
+# config.optim.ema_decay.
+GENERATOR_BRANCHES = {"raw": ("gen_params",), "ema": ("gen_ema_params",)}
 
 
-def generator_params(state: FGMState, use_ema: bool = True):
-  """The generator's EMA weights when asked for and kept, else its weights."""
-  return state.gen_ema_params if uses_ema(state, use_ema) else state.gen_params
+def generator_branch(weights: str) -> tuple:
+  """The path of the generator weights named ``weights`` in an FGMState (or its saved
+  tree)."""
+  return GENERATOR_BRANCHES[weights]
+
+
+def saved_weights(saved_tree: dict) -> list:
+  """The weight names a saved FGMState tree (checkpoint.saved_tree) holds arrays for."""
+  def held(path):
+    node = saved_tree
+    for key in path:
+      node = node.get(key) if isinstance(node, dict) else None
+    return bool(jax.tree.leaves(node))
+  return [name for name, path in GENERATOR_BRANCHES.items() if held(path)]
+
+
+def weights_given(state: FGMState, weights: str = "ema") -> str:
+  """Which weights generator_params(state, weights) gives: 'ema' of a run that keeps no EMA
+  is its raw weights (what an export must record, not what was asked)."""
+  return "raw" if weights == "ema" and state.gen_ema_params is None else weights
+
+
+def generator_params(state: FGMState, weights: str = "ema"):
+  """The generator weights named ``weights`` ('ema' falls back to raw without an EMA)."""
+  node = state
+  for key in generator_branch(weights_given(state, weights)):
+    node = node[key] if isinstance(node, dict) else getattr(node, key)
+  return node
 
 
 def _copy(tree, dtype=None):

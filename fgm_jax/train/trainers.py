@@ -29,6 +29,7 @@ from fgm_jax import checkpoint_compat
 from fgm_jax import data as data_lib
 from fgm_jax import models
 from fgm_jax import sharding as sharding_lib
+from fgm_jax.config_checks import ConfigError
 from fgm_jax.data import arrays
 from fgm_jax.train import keys as keys_lib
 from fgm_jax.train import kinds
@@ -342,7 +343,11 @@ class FGMTrainer(Trainer):
 
   def samples(self, state, n, seed, use_ema=True):
     """The one-step generator's samples."""
-    params = state_lib.generator_params(state, use_ema)
+    params = state_lib.generator_params(state, "ema" if use_ema else "raw")
+    return self.generator_samples(params, n, seed)
+
+  def generator_samples(self, params, n, seed):
+    """The one-step generator's samples from its weights alone (read_generator's)."""
     fn = functools.partial(_generator_fn, model=self.model, t_star=self.config.fgm.t_star)
     return sampling.generator_set(self._draw("generator", fn, params, n, seed))
 
@@ -388,6 +393,29 @@ def _teacher_run_config(config):
   with teacher.unlocked():
     teacher.mesh = config.mesh
   return teacher
+
+
+def read_generator(layout: FGMTrainer, ckpt_dir, step, weights="ema"):
+  """(params, name) of the generator weights ``weights`` of checkpoint ``step``, placed as
+  ``layout`` (a trainer of the run's architecture) lays them out. Only that branch of the
+  saved FGMState is read: not the online flow, the optimizer states or the other weights
+  (checkpoint.read_branches). 'ema' of a run that keeps no EMA gives its raw weights."""
+  held = state_lib.saved_weights(checkpoint.saved_tree(ckpt_dir, step))
+  if weights == "ema" and "ema" not in held:
+    weights = "raw"
+  if weights not in held:
+    raise ConfigError(
+        f"weights={weights!r}: checkpoint step {step} in {ckpt_dir} holds no such generator "
+        f"weights; it holds {held}.")
+  branch = state_lib.generator_branch(weights)
+  target = checkpoint.abstract_with_shardings(layout.abstract_state.gen_params,
+                                              layout.shardings.gen_params)
+  for key in reversed(branch):
+    target = {key: target}
+  restored = checkpoint.read_branches(ckpt_dir, step, target)
+  for key in branch:
+    restored = restored[key]
+  return restored, weights
 
 
 def restore_teacher_params(teacher_layout: TeacherTrainer, teacher_config):

@@ -198,6 +198,18 @@ def test_export_from_an_incomplete_teacher_folder_is_refused(inputs, trained, tm
   assert not os.path.exists(tmp_path / "one_step")
 
 
+def test_one_step_restore_gives_the_whole_states_generator(trained):
+  """job=sample/export's restore reads the generator's weights alone (bytes counted in
+  test_generator_restore.py: here every array is smaller than TensorStore's 1 MB read
+  coalescing, which reads the gaps between them too); they are the whole state's."""
+  config, workdir = trained
+  _, _, step, gen, weights = one_step.restore_generator(config, workdir)
+  _, state = _state(config, workdir)
+  assert step == STEPS and weights == "raw"
+  for a, b in zip(jax.tree.leaves(gen), jax.tree.leaves(state.gen_params)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_conditional_step_on_one_device_equals_eight(inputs, trained, tmp_path):
   """EVERY conditional iterations on one device equal the 8-device run's checkpoint there
   (prompt rows and noise are keyed by step, so the longer run's first steps are the same)."""
