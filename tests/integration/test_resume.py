@@ -112,6 +112,17 @@ def _runs(tmp_path_factory):
   _run(_cmd("configs/toy2d_fgm.py", root / "fgm_b", fgm))
   out["fgm_a"] = _final_params(fgm, str(root / "fgm_a"))
   out["fgm_b"] = _final_params(fgm, str(root / "fgm_b"))
+
+  # RealUID: the real-data stream (two online updates, a batch each) resumes at its step too.
+  real = helpers.tiny_fgm_config(str(root / "teacher_a"), num_steps=FGM_STEPS, every=FGM_EVERY)
+  real.fgm.alpha, real.fgm.online_steps = 0.5, 2
+  real.fgm.real_data.update(dict(enabled=True, alpha=0.9, beta=0.92))
+  loop.train(real, str(root / "real_a"), write_metrics=False, progress=False)
+  out["real_killed_at"] = _run_and_kill(_cmd("configs/toy2d_fgm.py", root / "real_b", real),
+                                        str(root / "real_b" / "checkpoints"), FGM_KILL)
+  _run(_cmd("configs/toy2d_fgm.py", root / "real_b", real))
+  out["real_a"] = _final_params(real, str(root / "real_a"))
+  out["real_b"] = _final_params(real, str(root / "real_b"))
   return out
 
 
@@ -127,3 +138,13 @@ def test_fgm_resumes_exactly_after_sigkill(runs):
   (step_a, a), (step_b, b) = runs["fgm_a"], runs["fgm_b"]
   assert step_a == step_b == FGM_STEPS
   _assert_same_state(a, b)
+
+
+def test_real_data_fgm_resumes_exactly_after_sigkill(runs):
+  assert FGM_KILL <= runs["real_killed_at"] < FGM_STEPS
+  (step_a, a), (step_b, b) = runs["real_a"], runs["real_b"]
+  assert step_a == step_b == FGM_STEPS
+  _assert_same_state(a, b)
+  # and the real data mattered: it is not the data-free run
+  assert max(float(abs(x - y).max()) for x, y in zip(
+      jax.tree.leaves(a.online_params), jax.tree.leaves(runs["fgm_a"][1].online_params))) > 1e-4

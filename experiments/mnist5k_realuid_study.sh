@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# RealUID on MNIST-5k (experiments/results/mnist5k_realuid.md): data-free FGM against FGM with
+# real-data supervision (config.fgm.real_data), every run distilled from the same teacher and
+# scored at N = 5,000 on the same noise, with the teacher's Euler 50 and Heun 25 rows.
+#
+#   bash experiments/mnist5k_realuid_study.sh ROOT [VARIANT ...]
+#
+# ROOT holds the teacher (ROOT/teacher, e.g. from `python -m fgm_jax.main
+# --config=configs/mnist_fgm.py --workdir=ROOT`, the MNIST-5k pipeline). With VARIANT names,
+# only those runs (see `variants` below); without, all. Every run resumes, so rerunning after
+# an interruption continues where it stopped. Wall times go to ROOT/realuid_times.tsv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${1:?usage: mnist5k_realuid_study.sh ROOT [VARIANT ...]}; shift
+PY=${PYTHON:-python}
+N=5000
+TIMES="$ROOT/realuid_times.tsv"
+F=(--config=configs/mnist_fgm.py --config.teacher.workdir="$ROOT/teacher"
+   --config.eval.classifier_dir="$ROOT/mnist5k_classifier")
+
+timed() {  # timed NAME CMD...: run CMD, append "NAME seconds" to $TIMES
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name: $* ($(date -u +%H:%M:%S))"
+  "$@"
+  echo -e "$name\t$((SECONDS - start))" >> "$TIMES"
+}
+
+run() {  # run NAME FLAGS...: distil into ROOT/NAME, then score it on N samples
+  local name=$1; shift
+  [ -f "$ROOT/$name/eval_n$N.json" ] && return 0
+  timed "$name" $PY -m fgm_jax.main "${F[@]}" --config.job=train "$@" --workdir="$ROOT/$name"
+  timed "$name:eval$N" $PY -m fgm_jax.main "${F[@]}" --config.job=evaluate "$@" \
+      --config.eval.teacher_steps="()" --config.eval.num_samples=$N \
+      --config.eval.output="eval_n$N.json" --workdir="$ROOT/$name"
+}
+
+# RealUID: the generator loss's 1/2 form (config.fgm.alpha = 0.5), the paper's alpha/beta.
+ruid() {  # ruid ALPHA BETA K SEED [FLAGS...]
+  local a=$1 b=$2 k=$3 s=$4; shift 4
+  run "realuid_a${a}_b${b}_k${k}_s${s}" --config.fgm.alpha=0.5 \
+      --config.fgm.real_data.enabled=True --config.fgm.real_data.alpha="$a" \
+      --config.fgm.real_data.beta="$b" --config.fgm.online_steps="$k" --config.seed="$s" "$@"
+}
+
+variant() {
+  case $1 in
+    teacher)  # Euler 50 and Heun 25 (50 evaluations each) at N, the same noise as every row
+      [ -f "$ROOT/teacher/eval_euler50_n$N.json" ] || timed teacher_euler50 $PY -m fgm_jax.main \
+          --config=configs/mnist_teacher.py --config.job=evaluate --workdir="$ROOT/teacher" \
+          --config.eval.classifier_dir="$ROOT/mnist5k_classifier" \
+          --config.eval.teacher_steps="(50,)" --config.eval.num_samples=$N \
+          --config.eval.output="eval_euler50_n$N.json"
+      [ -f "$ROOT/teacher/eval_heun25_n$N.json" ] || timed teacher_heun25 $PY -m fgm_jax.main \
+          --config=configs/mnist_teacher.py --config.job=evaluate --workdir="$ROOT/teacher" \
+          --config.eval.classifier_dir="$ROOT/mnist5k_classifier" --config.sample.method=heun \
+          --config.eval.teacher_steps="(25,)" --config.eval.num_samples=$N \
+          --config.eval.output="eval_heun25_n$N.json" ;;
+    fgm_s0) run fgm_s0 --config.seed=0 ;;  # data-free FGM, the MNIST-5k default
+    fgm_s1) run fgm_s1 --config.seed=1 ;;
+    headline_k1_s0) ruid 0.92 0.94 1 0 ;;  # the paper's unconditional alpha/beta (b/a 1.022)
+    headline_k1_s1) ruid 0.92 0.94 1 1 ;;
+    ratio0.98_k1_s0) ruid 0.92 0.9016 1 0 ;;  # b/a = 0.98
+    ratio0.98_k1_s1) ruid 0.92 0.9016 1 1 ;;
+    headline_k3_s0) ruid 0.92 0.94 3 0 ;;
+    headline_k3_s1) ruid 0.92 0.94 3 1 ;;
+    headline_k5_s0) ruid 0.92 0.94 5 0 ;;
+    headline_k5_s1) ruid 0.92 0.94 5 1 ;;
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+  esac
+}
+
+ALL=(teacher fgm_s0 headline_k1_s0 ratio0.98_k1_s0 headline_k3_s0 headline_k5_s0 fgm_s1
+     headline_k1_s1 ratio0.98_k1_s1 headline_k3_s1 headline_k5_s1)
+mkdir -p "$ROOT"
+for v in "${@:-${ALL[@]}}"; do variant "$v"; done
+echo "=== done ($(date -u +%H:%M:%S)); wall times in $TIMES"
