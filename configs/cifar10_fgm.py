@@ -17,9 +17,15 @@ the FGM paper's CIFAR-10 teacher), imported with fgm_jax.convert.rectified_flow:
 
 'rf_teacher,runlocal' distils the narrow RF network a test checkpoint converts into
 (tests/rf_reference.write_random_checkpoint(path, **rf_reference.RUNLOCAL)).
+'realuid': RealUID's CIFAR-10 recipe (real-data supervision, config.fgm.real_data; tfds
+CIFAR-10, the teacher's data, is the real stream); combines with 'rf_teacher' and 'runlocal':
+
+    python -m fgm_jax.main --config=configs/cifar10_fgm.py:rf_teacher,realuid \
+        --config.teacher.workdir=runs/cifar10_rf_teacher --workdir=runs/cifar10_rf_realuid
 
 Provenance of the values: [FGM] Huang et al. 2024 (Flow Generator Matching), CIFAR-10
-unconditional; [RF] RectifiedFlow (Liu et al. 2022) and its code; [ours] our choice, where the
+unconditional; [RF] RectifiedFlow (Liu et al. 2022) and its code; [RealUID] Kornilov et al.
+2026 (arXiv 2509.22459) and their code, unconditional CIFAR-10; [ours] our choice, where the
 paper gives no value we know of.
 """
 
@@ -28,9 +34,9 @@ from configs import cifar10_teacher
 
 
 def get_config(variant=""):
-  words = common.parse_variant(variant, ("runlocal", "rf_teacher"))
+  words = common.parse_variant(variant, ("runlocal", "rf_teacher", "realuid"))
   c = common.base("train", "fgm")
-  c.teacher = cifar10_teacher.get_config(variant)
+  c.teacher = cifar10_teacher.get_config(",".join(w for w in words if w != "realuid"))
   c.teacher.workdir = "runs/cifar10_teacher"
   c.teacher.use_ema = True  # [ours] distil the teacher's EMA weights
   c.batch_size = 256  # [FGM]
@@ -54,7 +60,26 @@ def get_config(variant=""):
     # [0, 0.999] and the generator reads its noise at t* = 0.999 [ours], where the teacher's
     # first Euler step starts in RectifiedFlow's own sampler [RF].
     c.fgm = dict(common.fgm(t_star=0.999), t_max=0.999)
+  if "realuid" in words:
+    realuid(c)
   if "runlocal" in words:
     common.runlocal(c, batch_size=8, samples=16)
     c.optim.lr = c.online_optim.lr = 1e-4
   return c
+
+
+def realuid(c):
+  """RealUID's unconditional CIFAR-10 recipe on our U-Net (their about 500k updates; the
+  optional fine-tuning stage is a second run, README 'Real data')."""
+  c.fgm.alpha = 0.5  # the generator loss's 1/2 form, the only one their theory covers
+  c.fgm.real_data = common.real_data(enabled=True, alpha=0.92, beta=0.94)  # [RealUID] headline
+  c.fgm.online_steps = 5  # [RealUID] fewer than 3 was unstable with their U-Net
+  c.fgm.init_online = "random"  # [RealUID] online flow randomly initialised
+  c.fgm.weighting = "uniform"  # [RealUID] t uniform on [0, 1], no per-time weighting
+  c.batch_size = 256  # [RealUID] 256 generated + 256 real (per online update here)
+  c.num_steps = 500_000  # [RealUID]
+  # Adam (0, 0.999), lr 3e-5, 500-step warm-up, gradient-norm clip 1 for both nets; generator
+  # EMA 0.999 [RealUID].
+  c.optim = common.optim(lr=3e-5, b1=0.0, b2=0.999, warmup_steps=500, grad_clip=1.0,
+                         ema_decay=0.999)
+  c.online_optim = common.optim(lr=3e-5, b1=0.0, b2=0.999, warmup_steps=500, grad_clip=1.0)

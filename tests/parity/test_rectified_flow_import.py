@@ -273,3 +273,28 @@ def test_rf_configs():
   inferred = rectified_flow_keys.infer_architecture(shapes, 32)
   model = cifar10_teacher.rf_narrow_model()
   assert inferred == {k: model[k] for k in inferred}
+
+
+def test_realuid_recipe_distils_the_imported_teacher_on_mock_cifar10(converted, tmp_path):
+  """configs/cifar10_fgm.py:rf_teacher,realuid,runlocal: RealUID's recipe (the reference's
+  alpha/beta, 5 online updates, online flow from random init) over the imported teacher,
+  tfds CIFAR-10 (mocked) as the real stream; two iterations, finite and moving."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from fgm_jax.train import loop
+  c = cifar10_fgm.get_config("rf_teacher,realuid,runlocal")
+  r = c.fgm.real_data
+  assert (r.enabled, r.alpha, r.beta, c.fgm.alpha, c.fgm.online_steps) == (True, 0.92, 0.94,
+                                                                          0.5, 5)
+  assert c.fgm.init_online == "random" and c.teacher.data.tfds_name == "cifar10"
+  c.teacher.model = NARROW_MODEL
+  c.teacher.workdir = converted["model"]
+  c.num_steps = 2
+  config_checks.validate(c)
+  with tfds.testing.mock_data(num_examples=64):
+    trainer, state = loop.train(c, str(tmp_path / "realuid"), write_metrics=False,
+                                progress=False)
+  assert int(state.step) == 2
+  gen = jax.tree.leaves(jax.device_get(state.gen_params))
+  teacher = jax.tree.leaves(jax.device_get(trainer.frozen_teacher))
+  assert all(np.isfinite(g).all() for g in gen)
+  assert max(float(np.max(np.abs(g - t))) for g, t in zip(gen, teacher)) > 0
