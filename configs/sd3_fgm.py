@@ -70,6 +70,9 @@ def get_config(variant=""):
   # job=export: a diffusers folder; the teacher folder's other parts are hard-linked where
   # the file system allows (else copied).
   c.export.dtype = "float32"
+  # A LoRA run (config.lora.rank > 0) also writes its adapters as diffusers' SD3 LoRA file
+  # (None: <workdir>/lora/pytorch_lora_weights.safetensors).
+  c.export.lora_output = ml_collections.config_dict.placeholder(str)
   if "runlocal" in words:
     common.runlocal(c, batch_size=8)  # 3 steps, a checkpoint and a log line each
     c.resolution = 16

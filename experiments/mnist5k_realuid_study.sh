@@ -66,6 +66,11 @@ variant() {
     headline_k3_s1) ruid 0.92 0.94 3 1 ;;
     headline_k5_s0) ruid 0.92 0.94 5 0 ;;
     headline_k5_s1) ruid 0.92 0.94 5 1 ;;
+    # beta > 1 (outside the paper's range; opt-in): the real-data target scale
+    # (1 - beta)/(1 - alpha) turns negative, which pulls the student toward the data.
+    pull_a${PULL_A:-0.5}_b${PULL_B:-1.5}_k${PULL_K:-1}_s${PULL_S:-0})
+      ruid "${PULL_A:-0.5}" "${PULL_B:-1.5}" "${PULL_K:-1}" "${PULL_S:-0}" \
+          --config.fgm.real_data.allow_beta_above_one=True ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }

@@ -3,6 +3,7 @@
     python experiments/tpu_aot_study.py sd3 runs/tpu_aot          # SD3-Medium FGM, batch search
     python experiments/tpu_aot_study.py depth runs/tpu_aot        # compile time vs MM-DiT depth
     python experiments/tpu_aot_study.py cifar runs/tpu_aot        # CIFAR-10 FGM/teacher/sampling
+    python experiments/tpu_aot_study.py lora runs/tpu_aot v6e-1 32 dots 4   # SD3 LoRA FGM
     python experiments/tpu_aot_study.py table runs/tpu_aot        # markdown of everything done
 
 Each case is one `python -m fgm_jax.main ... --config.job=compile` in its own workdir
@@ -24,6 +25,11 @@ SD3 = ["--config=configs/sd3_fgm.py", "--config.aot.architecture=sd3-medium"]
 # (slice, topology, chips, fsdp): the state (53.3 GB at fsdp 1) over enough chips.
 SD3_SLICES = (("v5p-8", "v5p:2x2x1", 4, 4), ("v6e-8", "v6e:2x4", 8, 8),
               ("v5e-16", "v5e:4x4", 16, 16), ("v5p-16", "v5p:2x2x2", 8, 4))
+# (slice, topology, chips) for SD3 LoRA FGM: one chip of each kind, and the slices of the
+# full fine-tuning table. Data parallel over every chip (fsdp 1): the bf16 base and the
+# adapters fit one chip, so each chip holds them and its share of the batch.
+LORA_SLICES = (("v6e-1", "v6e:1x1", 1), ("v5e-1", "v5e:1x1", 1), ("v5p-1", "v5p:1x1x1", 1),
+               ("v6e-8", "v6e:2x4", 8), ("v5e-16", "v5e:4x4", 16))
 CIFAR = ["--config=configs/cifar10_fgm.py", "--config.teacher.model.dtype=bfloat16"]
 CIFAR_TEACHER = ["--config=configs/cifar10_teacher.py", "--config.model.dtype=bfloat16"]
 
@@ -89,6 +95,27 @@ def sd3(root, remats=("dots", "none", "full"), slices=SD3_SLICES, start=32):
       else:
         while batch > chips // fsdp and not compile_at(batch // 2):
           batch //= 2
+
+
+def lora(root, slice_name, rank, remat="dots", start=None):
+  """SD3-Medium LoRA FGM (config.lora.rank = ``rank``, attention + MLP) on one slice: the
+  largest global batch that fits, searched from ``start`` (default one image per chip) by
+  doubling while it fits, or halving until it does (down to one per chip)."""
+  _, topo, chips = next(s for s in LORA_SLICES if s[0] == slice_name)
+
+  def compile_at(batch):
+    return fits(run_case(
+        root, f"lora_{slice_name}_r{rank}_{remat}_b{batch}",
+        SD3 + [f"--config.aot.topology={topo}", f"--config.lora.rank={rank}",
+               f"--config.teacher.model.remat={remat}", f"--config.batch_size={batch}",
+               "--config.aot.functions=('train_step',)"]))
+  batch = int(start or chips)
+  if compile_at(batch):
+    while batch < 64 * chips and compile_at(2 * batch):
+      batch *= 2
+  else:
+    while batch > chips and not compile_at(batch // 2):
+      batch //= 2
 
 
 def sd3_sampling(root):
@@ -176,6 +203,13 @@ def table(root):
   print("| case | function | batch | compile s | GiB per chip (of) | fits | code MB | "
         "est. img/s per chip | bf16 util. | collectives |")
   print("|---|---|---|---|---|---|---|---|---|---|")
+  for name, report in _cases(root, "lora_"):
+    saved, f = report["config"], report["functions"][0]
+    mem, rate, _, code, _ = _cells(f, report)
+    print(f"| LoRA {name.split('_')[1]} (`{saved['aot']['topology']}`) | r{saved['lora']['rank']} "
+          f"{saved['teacher']['model']['remat']} | {saved['batch_size']} | "
+          f"{f['compile_s']:.0f} | {mem} | {'yes' if f.get('fits') else '**no**'} | {code} | "
+          f"{rate} | - | - |")
   for name, report in _cases(root, "cifar"):
     for f in report["functions"]:
       mem, rate, util, code, coll = _cells(f, report)
@@ -188,7 +222,9 @@ if __name__ == "__main__":
   os.makedirs(root, exist_ok=True)
   steps = {"sd3": sd3, "sd3_sampling": sd3_sampling, "depth": depth, "cifar": cifar,
            "table": table}
-  if what == "sd3_slice":  # one slice and remat: sd3_slice <root> v6e-8 dots
+  if what == "lora":  # lora <root> <slice> <rank> [remat] [start batch]
+    lora(root, sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
+  elif what == "sd3_slice":  # one slice and remat: sd3_slice <root> v6e-8 dots
     sd3(root, remats=(sys.argv[4],), slices=[s for s in SD3_SLICES if s[0] == sys.argv[3]])
   else:
     steps[what](root)

@@ -97,14 +97,24 @@ def topology_devices(name: str):
         f"config.aot.topology={name!r} needs the TPU compiler, which is not installed; "
         f"pip install \"jax[tpu]=={jax.__version__}\" (no TPU needed).")
   try:
-    topo = topologies.get_topology_desc(topology_name=name, platform="tpu")
+    topo = topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                        **_host_bounds(name))
   except Exception as e:  # pylint: disable=broad-except
     lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
     raise config_checks.ConfigError(
         f"config.aot.topology={name!r} is not a TPU topology libtpu knows ({lines[-1]}); "
-        f"e.g. {', '.join(EXAMPLE_TOPOLOGIES)}. The shape must be a multiple of one host's "
-        "chips (v6e:2x2, not v6e:1x1).") from None
+        f"e.g. {', '.join(EXAMPLE_TOPOLOGIES)}, or one chip: v6e:1x1.") from None
   return list(topo.devices)
+
+
+def _host_bounds(name: str) -> dict:
+  """libtpu's default host is 2x2x1 chips; a slice smaller than that (one chip, 'v6e:1x1',
+  the single-chip hosts v5e/v6e are also sold as) is one host of its own shape."""
+  dims = name.partition(":")[2].split("x")
+  if not all(d.isdigit() for d in dims) or len(dims) > 3:
+    return {}
+  bounds = [int(d) for d in dims] + [1] * (3 - len(dims))
+  return {"chips_per_host_bounds": tuple(bounds)} if bounds[0] * bounds[1] < 4 else {}
 
 
 # ---------------------------------------------------------------------------- FLOP counting

@@ -30,8 +30,10 @@ NOT_IN_FINGERPRINT = {"model": ("dtype", "remat", "attention_impl"),
 
 def fingerprint(config) -> dict:
   model, data = config_checks.architecture(config)
-  return _without_free_fields({"kind": config_checks.run_kind(config),
-                               "model": model.to_dict(), "data": data.to_dict()})
+  fp = {"kind": config_checks.run_kind(config), "model": model.to_dict(), "data": data.to_dict()}
+  if "lora" in config and config.lora.rank:  # adapters, not networks (absent: older runs fit)
+    fp["lora"] = {"rank": config.lora.rank, "targets": list(config.lora.targets)}
+  return _without_free_fields(fp)
 
 
 # Checkpoint kinds saved before the FGM run had that name (the job was called 'distill').
@@ -49,7 +51,7 @@ def _diff(saved, current, prefix="config"):
   out = []
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-    name = "checkpoint kind" if key == "kind" else f"{prefix}.{key}"
+    name = {"kind": "checkpoint kind", "lora": "config.lora"}.get(key, f"{prefix}.{key}")
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff(a, b, name)
     elif _norm(a) != _norm(b):

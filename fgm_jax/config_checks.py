@@ -12,6 +12,7 @@ from fgm_jax import fgm
 from fgm_jax import flow
 from fgm_jax import models
 from fgm_jax import sharding as sharding_lib
+from fgm_jax.models import lora as lora_lib
 from fgm_jax.train import kinds
 from fgm_jax.train import optim
 
@@ -153,6 +154,7 @@ def _check_training(config, device_count=None):
   require_none(optim.check_config(config.optim, "config.optim"))
   if is_fgm(config):
     require_none(optim.check_config(config.online_optim, "config.online_optim"))
+    _check_lora(config)
   if is_fgm(config) and not sd3:  # a teacher run's checkpoint (the folder's is checked above)
     require_none(optim.check_config(config.teacher.optim, "config.teacher.optim"))
     if config.job in TEACHER_JOBS:  # (the pipeline trains its own teacher first)
@@ -168,6 +170,18 @@ def _check_training(config, device_count=None):
         f"{sorted(flow.SAMPLERS)}.")
   require(config.checkpoint.every >= 1,
           f"config.checkpoint.every={config.checkpoint.every} must be >= 1.")
+
+
+def _check_lora(config):
+  """config.lora: a model with adapters, known targets; adapters start as the teacher."""
+  require_none(lora_lib.targets_problem(config.lora,
+                                        models.lora_targets(architecture(config)[0])))
+  f = config.fgm
+  require(
+      config.lora.rank == 0 or f.init_generator == f.init_online == "teacher",
+      f"config.fgm.init_generator={f.init_generator!r}, init_online={f.init_online!r}: "
+      "low-rank adapters (config.lora.rank > 0) start as the teacher (B = 0); set both to "
+      "'teacher', or config.lora.rank=0 for the random-initialisation ablations.")
 
 
 def _check_trainer(config):

@@ -67,10 +67,14 @@ def check_real_data(fgm_config):
   r = fgm_config.real_data
   if not r.enabled:
     return None
+  beta_max = float("inf") if r.allow_beta_above_one else 1.0
   checks = [
-      (0 < r.alpha <= 1 and 0 < r.beta <= 1,
+      (0 < r.alpha <= 1 and 0 < r.beta <= beta_max,
        f"config.fgm.real_data: alpha={r.alpha}, beta={r.beta} must both lie in (0, 1] "
-       "(RealUID's headline: alpha 0.92, beta 0.94)."),
+       "(RealUID's headline: alpha 0.92, beta 0.94; beta > 1 only with "
+       "allow_beta_above_one=True, outside the paper's range)."),
+      (r.alpha < 1 or r.beta <= 1, f"config.fgm.real_data: alpha=1 with beta={r.beta} > 1 "
+       "divides by 1 - alpha = 0 in the real target; lower alpha."),
       (r.alpha < 1 or r.beta == 1,
        f"config.fgm.real_data: alpha=1 with beta={r.beta} < 1 gives the real data no weight "
        "while scaling the generated target (RealUID reports it diverges); lower alpha "

@@ -165,6 +165,8 @@ from diffusers import StableDiffusion3Pipeline
 
 args = json.loads(sys.argv[1])
 pipe = StableDiffusion3Pipeline.from_pretrained(args["folder"])
+if args["lora"]:  # diffusers' SD3 LoRA file over the folder's transformer (needs peft)
+  pipe.load_lora_weights(args["lora"])
 kwargs = dict(prompt=args["prompts"], num_inference_steps=1, guidance_scale=1.0,
               latents=torch.from_numpy(np.load(args["noise"])).permute(0, 3, 1, 2),
               **args["kwargs"])
@@ -181,9 +183,10 @@ json.dump({"versions": {"torch": torch.__version__, "diffusers": diffusers.__ver
 '''
 
 
-def sd3_one_step(python, folder, prompts, noise, workdir, **kwargs):
+def sd3_one_step(python, folder, prompts, noise, workdir, lora=None, **kwargs):
   """Runs the SD3 folder in StableDiffusion3Pipeline (1 step, guidance 1) in ``python``'s
-  environment from initial ``noise`` (n, h, w, c); returns (latents (n, h, w, c), images
+  environment from initial ``noise`` (n, h, w, c), with the LoRA file ``lora`` loaded onto
+  its transformer when given (load_lora_weights); returns (latents (n, h, w, c), images
   (n, H, W, 3), {"versions", "torchvision" (importable), "modules" (of pytest, tests/ or
   torchvision loaded)})."""
   import json
@@ -191,7 +194,8 @@ def sd3_one_step(python, folder, prompts, noise, workdir, **kwargs):
   out = os.path.join(workdir, "sd3_one_step")
   np.save(out + "_noise.npy", np.asarray(noise, np.float32))
   args = dict(folder=os.path.abspath(folder), prompts=list(prompts), kwargs=kwargs,
-              noise=out + "_noise.npy", out=out + ".npz")
+              noise=out + "_noise.npy", out=out + ".npz",
+              lora=os.path.abspath(lora) if lora else None)
   run = subprocess.run([python, "-I", "-c", _SD3_ONE_STEP, json.dumps(args)], cwd=workdir,
                        env=clean_env(), capture_output=True, text=True, timeout=600)
   if run.returncode:

@@ -12,6 +12,8 @@ A model module may also define, and the trainers use when present:
   * ``FROZEN_PARAMS``: top-level parameter groups loaded from checkpoints but never trained.
   * ``check_config(model_config)``: what is wrong with its config section, or None (for the
     up-front checks, config_checks.py).
+  * ``LORA_TARGETS``: {config.lora.targets name: patterns of the projections it adapts}, for
+    models whose dense layers take low-rank adapters (models/lora.py; MM-DiT).
 """
 
 from fgm_jax import registry
@@ -66,3 +68,9 @@ def frozen_params(model_config):
   """Top-level parameter names the optimizers leave alone (e.g. MM-DiT's positional table)."""
   module = registry.module(_REGISTRY, model_config.name, _FIELD)
   return tuple(getattr(module, "FROZEN_PARAMS", ()))
+
+
+def lora_targets(model_config):
+  """The model's LORA_TARGETS, or None when it takes no low-rank adapters."""
+  module = registry.module(_REGISTRY, model_config.name, _FIELD)
+  return getattr(module, "LORA_TARGETS", None)

@@ -48,6 +48,8 @@ Sharding: every parameter carries logical axis names (see ``LOGICAL_RULES``):
     pos        positional-table rows                     -> None
     kv         per-head channels (RMSNorm scales)        -> None
     layers     leading axis of a scanned run's stacked params -> None
+    lora       rank axis of low-rank adapters (models/lora.py; an adapter's other axes are
+               its kernel's)                             -> None
 Activations: batch -> ('data', 'fsdp'); length, act_embed, act_kv, act_mod -> None;
 act_heads, act_mlp -> 'tensor' in the tensor-parallel rules. Run sharded code inside
 ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` so the activation
@@ -64,12 +66,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgm_jax import sharding as sharding_lib
+from fgm_jax.models import lora
 
 # Logical axis -> mesh axis (default: FSDP only, for a ('data', 'fsdp') mesh).
 LOGICAL_RULES = sharding_lib.fsdp_rules(
     ("embed_in", "mlp", "heads", "mod", "context_in", "pooled_in", "freq", "conv_h", "conv_w",
      "conv_in", "patch_out", "pos", "kv", "layers", "length", "act_embed", "act_heads",
-     "act_kv", "act_mlp", "act_mod"))
+     "act_kv", "act_mlp", "act_mod", lora.RANK_AXIS))
 
 # For a ('data', 'fsdp', 'tensor') mesh: Megatron-style splits of the head and MLP axes on
 # top of FSDP over 'embed'. The adaLN projections stay FSDP-only: splitting their outputs
@@ -98,9 +101,10 @@ _TIME_SCALE = 1000.0  # checkpoints expect timesteps in [0, 1000]
 
 
 def _dense(features, axes, name, dtype, zero=False):
-  """nn.Dense with logically-partitioned float32 params."""
+  """A dense layer with logically-partitioned float32 params (lora.Dense: nn.Dense's params,
+  plus low-rank adapters when the params carry them)."""
   init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
-  return nn.Dense(
+  return lora.Dense(
       features, dtype=dtype, param_dtype=jnp.float32, name=name,
       kernel_init=nn.with_logical_partitioning(init, axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
@@ -413,19 +417,26 @@ def pad_last_block(last, full):
 
 
 def unpad_last_block(padded):
-  """The inverse of ``pad_last_block``: a full block's params -> diffusers' last block."""
+  """The inverse of ``pad_last_block``: a full block's params -> diffusers' last block. Also
+  takes a block's low-rank adapters (models/lora.py; any subset of its projections): lora_b
+  is cut like the kernel's outputs, lora_a (the inputs' side) is kept."""
   out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in padded.items()}
   for path in _FULL_ONLY:
     parent = out
     for k in path[:-1]:
-      parent = parent[k]
+      parent = parent.get(k, {})
     parent.pop(path[-1], None)
-  lin = padded["norm1_context"]["linear"]
-  dim = lin["kernel"].shape[-1] // 6
-  out["norm1_context"] = {"linear": {
-      leaf: _lib(lin[leaf]).concatenate([lin[leaf][..., dim:2 * dim], lin[leaf][..., :dim]],
-                                        axis=-1) for leaf in ("kernel", "bias")}}
+  if "norm1_context" in padded:
+    out["norm1_context"] = {"linear": {
+        leaf: a if leaf == lora.A else _scale_shift(a)
+        for leaf, a in padded["norm1_context"]["linear"].items()}}
   return out
+
+
+def _scale_shift(a):
+  """A full block's 6-chunk context modulation outputs -> the last block's (scale, shift)."""
+  dim = a.shape[-1] // 6
+  return _lib(a).concatenate([a[..., dim:2 * dim], a[..., :dim]], axis=-1)
 
 
 def _merge(base, update):
@@ -702,6 +713,17 @@ def param_count(module: MMDiT) -> int:
 # loaded from checkpoints but never trained. We keep it in 'params' so loading and saving
 # are one tree; optimisers should mask it out with ``trainable_mask``.
 FROZEN_PARAMS = ("pos_embed",)
+
+
+# config.lora.targets -> the projections adapted (models/lora.py), as patterns over module
+# paths; every joint block, scanned or not, both streams (and SD3.5's second attention).
+_BLOCK = r"transformer_blocks_[^/]+"
+LORA_TARGETS = {
+    "attention": (_BLOCK + r"/attn2?/(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj"
+                  r"|to_add_out)",),
+    "mlp": (_BLOCK + r"/ff(_context)?/fc[12]",),
+    "adaln": (_BLOCK + r"/norm1(_context)?/linear",),  # the blocks' modulation projections
+}
 
 
 def trainable_mask(params):

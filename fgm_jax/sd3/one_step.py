@@ -41,6 +41,15 @@ def restore_generator(config, workdir, use_ema=True):
   return g.config, g.trainer, g.step, jax.device_get(g.params), g.weights
 
 
+def generator_weights(trainer, params):
+  """The one-step generator's MM-DiT weights (host numpy): the checkpoint's, or -- a LoRA
+  run's adapters (config.lora) -- merged into the teacher folder's own weights, W + s A B
+  (what the LoRA file gives in diffusers)."""
+  if trainer.lora is None:
+    return params
+  return trainer.lora.merge(params, trainer.source.load(None))
+
+
 def sampling_config(config):
   """The teacher-sampler config that runs the generator: 1 step, no guidance."""
   s = config.sample
@@ -68,6 +77,7 @@ def sample(config, workdir):
   start = time.time()
   config, trainer, step, params, weights = restore_generator(config, workdir,
                                                             config.sample.use_ema)
+  params = generator_weights(trainer, params)
   print(f"one-step generator of step {step} restored ({weights} weights, "
         f"{time.time() - start:.1f} s)")
   sconfig = sampling_config(config)
@@ -188,11 +198,39 @@ def export(config, workdir):
       config.sd3.folder), "step": step, "weights": weights,
       "run": {"num_inference_steps": 1, "guidance_scale": 1.0},
       "fgm": config.fgm.to_dict(), "resolution": config.resolution}
-  write_pipeline_folder(config.sd3.folder, out, trainer.model, params, dtype=e.dtype,
-                        note=note)
+  if trainer.lora is not None:
+    note["lora"] = dict(config.lora.to_dict(), file=write_lora_file(config, workdir, trainer,
+                                                                    params))
+  write_pipeline_folder(config.sd3.folder, out, trainer.model,
+                        generator_weights(trainer, params), dtype=e.dtype, note=note)
   print(f"wrote {out}: a diffusers StableDiffusion3Pipeline folder; run it with "
         "num_inference_steps=1, guidance_scale=1.0")
   return out
+
+
+def write_lora_file(config, workdir, trainer, adapters):
+  """A LoRA run's adapters as diffusers' SD3 LoRA file (convert/sd3_lora.py), checked
+  against the teacher folder it applies to: <workdir>/lora/pytorch_lora_weights.safetensors
+  or config.export.lora_output. Loads with pipe.load_lora_weights(...) onto the teacher's
+  StableDiffusion3Pipeline (1 step, guidance 1)."""
+  from fgm_jax.convert import diffusers as dconv
+  from fgm_jax.convert import sd3_lora
+  state = sd3_lora.state_from_adapters(adapters, trainer.model, trainer.lora.scale,
+                                       np.dtype(jax.numpy.dtype(config.export.dtype)))
+  transformer = os.path.join(config.sd3.folder, "transformer")
+  sd3_lora.check_fits(state, dconv.read_config(transformer), "the run's adapters",
+                      repr(transformer))
+  out = config.export.lora_output or os.path.join(workdir, "lora")
+  if paths.is_remote(out):
+    with tempfile.TemporaryDirectory(prefix="fgm_jax_lora_") as local:
+      local_file = sd3_lora.save(local, state)
+      dest = out if out.endswith(".safetensors") else f"{out.rstrip('/')}/{sd3_lora.WEIGHT_NAME}"
+      paths.upload(local_file, dest)
+  else:
+    dest = sd3_lora.save(out, state)
+  print(f"wrote {dest}: diffusers' SD3 LoRA file {sd3_lora.describe(state)}; load it with "
+        "pipe.load_lora_weights(...) on the teacher's StableDiffusion3Pipeline")
+  return dest
 
 
 def _require_dtype(dtype):

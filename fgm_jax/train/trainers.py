@@ -31,6 +31,7 @@ from fgm_jax import models
 from fgm_jax import sharding as sharding_lib
 from fgm_jax.config_checks import ConfigError
 from fgm_jax.data import arrays
+from fgm_jax.models import lora as lora_lib
 from fgm_jax.train import keys as keys_lib
 from fgm_jax.train import kinds
 from fgm_jax.train import optim
@@ -251,7 +252,13 @@ class FGMTrainer(Trainer):
     self.gen_tx = optim.make_optimizer(config.optim, frozen)
     self.online_tx = optim.make_optimizer(config.online_optim, frozen)
     self.teacher_dtype = config.fgm.teacher_dtype
+    # config.lora: generator and online flow as adapters over the frozen teacher (lora.py).
+    self.lora = lora_lib.from_config(config.lora, models.lora_targets(s.model_config))
     boxed_teacher = self.sharding.eval_shape(self._init_params_boxed)  # the model's layout
+    if self.lora is not None:  # (the shapes are known here, before anything compiles)
+      problem = self.lora.rank_problem(boxed_teacher)
+      if problem:
+        raise ConfigError(problem)
     self.abstract_teacher = sharding_lib.unbox(boxed_teacher)
     boxed = self.sharding.eval_shape(self._state_from_teacher, boxed_teacher)
     self.shardings = self.sharding.shardings(boxed)
@@ -270,7 +277,7 @@ class FGMTrainer(Trainer):
         functools.partial(steps.fgm_step, model=self.model, gen_tx=self.gen_tx,
                           online_tx=self.online_tx, fgm_config=config.fgm,
                           batch_size=config.batch_size, shape=self.shape,
-                          ema_decay=config.optim.ema_decay, mesh=mesh),
+                          ema_decay=config.optim.ema_decay, mesh=mesh, compose=self._compose),
         in_shardings=(self.shardings, self.param_shardings, self.sharding.batch(),
                       self.sharding.replicated(), self.sharding.replicated(),
                       self.sharding.batch()),
@@ -286,9 +293,22 @@ class FGMTrainer(Trainer):
         jax.random.fold_in(self.keys.init, tag))
              for name, choice, tag in (("gen", f.init_generator, 1),
                                        ("online", f.init_online, 2))}
+    if self.lora is not None:  # adapters over the one frozen teacher; B = 0: the teacher
+      start = {name: self.lora.init(teacher_params, jax.random.fold_in(self.keys.init, tag))
+               for name, tag in (("gen", 1), ("online", 2))}
     return state_lib.fgm_state(start["gen"], self.gen_tx, self.online_tx,
                                    ema=self.config.optim.ema_decay > 0,
                                    online_params=start["online"])
+
+  def _compose(self, trainable, teacher_params):
+    """The params the model applies for a trained network: its own, or (LoRA) its adapters
+    beside the frozen teacher's kernels (steps.fgm_step's compose)."""
+    return trainable if self.lora is None else self.lora.compose(trainable, teacher_params)
+
+  def network_weights(self, trainable):
+    """A trained network's weights as one tree of the teacher's shape: its own, or (LoRA)
+    the frozen teacher's with the adapters merged (W + s A B; samplers, exports)."""
+    return trainable if self.lora is None else self.lora.merge(trainable, self.frozen_teacher)
 
   def _place_teacher(self, params):
     """On the devices in ``config.fgm.teacher_dtype`` (bf16 halves a frozen SD3 teacher)."""
@@ -348,6 +368,7 @@ class FGMTrainer(Trainer):
 
   def generator_samples(self, params, n, seed):
     """The one-step generator's samples from its weights alone (read_generator's)."""
+    params = self.network_weights(params)
     fn = functools.partial(_generator_fn, model=self.model, t_star=self.config.fgm.t_star)
     return sampling.generator_set(self._draw("generator", fn, params, n, seed))
 
@@ -378,7 +399,8 @@ class FGMTrainer(Trainer):
     args = (state, self._abstract_teacher(), self._abstract_cond(self.config.batch_size),
             self._abstract_key(self.keys.fgm_step), self._abstract_null(), self._abstract_real())
     targets = {"train_step": (self._step.jitted, args)}
-    gen = self._abstract_tree(self.abstract_state.gen_params, self.param_shardings)
+    # The generator as samplers get it (network_weights): fp32, the teacher's shapes.
+    gen = self._abstract_tree(self.abstract_teacher, self.param_shardings)
     targets["generator"] = self._generator_target(gen, sample_batch)
     return {**targets, **self._sampler_targets(self._abstract_teacher(), sample_batch)}
 

@@ -65,6 +65,17 @@ def test_a_config_that_cannot_fit_the_chip_is_refused(tmp_path):
   assert row["fits"] is False and row["total_bytes"] > 16 * 2**30
 
 
+def test_one_chip_topologies_compile(tmp_path):
+  """One chip (v6e:1x1, smaller than libtpu's default 2x2 host) is a host of its own."""
+  assert aot._host_bounds("v6e:1x1") == {"chips_per_host_bounds": (1, 1, 1)}
+  assert aot._host_bounds("v5p:1x1x1") == {"chips_per_host_bounds": (1, 1, 1)}
+  assert aot._host_bounds("v6e:2x4") == {} and aot._host_bounds("v5e:2x2") == {}
+  r = _cli(tmp_path, "--config.aot.topology=v6e:1x1", "--config.aot.functions=('generator',)")
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads((tmp_path / "aot.json").read_text())
+  assert report["device_kind"].startswith("TPU v6") and report["num_devices"] == 1
+
+
 def test_an_unknown_topology_names_the_field(tmp_path):
   r = _cli(tmp_path, "--config.aot.topology=v9x:3x3")
   assert r.returncode == 2
