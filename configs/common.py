@@ -19,10 +19,15 @@ def parse_variant(variant, known):
   return words
 
 
-def optim(lr, b1=0.9, b2=0.999, warmup_steps=0, grad_clip=0.0, ema_decay=0.0):
+def optim(lr, b1=0.9, b2=0.999, warmup_steps=0, grad_clip=0.0, ema_decay=0.0,
+          extra_ema_decays=()):
+  """extra_ema_decays (an FGM run's config.optim only): more generator EMAs tracked beside
+  ema_decay's, e.g. (0.9996, 0.9999); each is weights 'ema_<decay>' for job=sample,
+  evaluate and export ('ema' is ema_decay's, 'raw' the trained weights)."""
   return ml_collections.ConfigDict(dict(lr=lr, b1=b1, b2=b2, eps=1e-8, weight_decay=0.0,
                                         warmup_steps=warmup_steps, grad_clip=grad_clip,
-                                        ema_decay=ema_decay))
+                                        ema_decay=ema_decay,
+                                        extra_ema_decays=tuple(extra_ema_decays)))
 
 
 def mesh(data=-1, fsdp=1, tensor=1, rules=()):
@@ -42,11 +47,13 @@ def base(job, trainer):
   c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
   # teacher_steps: the teacher's N-step panels in the training pictures (log.plot_every).
   c.log = ml_collections.ConfigDict(dict(every=100, plot_every=0, teacher_steps=(4, 50)))
+  # weights (here, in export and in eval): which of the run's weights ('ema', 'raw', an FGM
+  # run's 'ema_<decay>' of config.optim.extra_ema_decays).
   c.sample = ml_collections.ConfigDict(dict(steps=50, method="euler", shift=1.0, num=10000,
-                                            seed=1, use_ema=True, output="samples.npz"))
-  # job=export (distill runs): output folder (None: <workdir>/generator), EMA or raw weights.
+                                            seed=1, weights="ema", output="samples.npz"))
+  # job=export (FGM runs): output folder (None: <workdir>/generator), which weights.
   c.export = ml_collections.ConfigDict(dict(
-      output=ml_collections.config_dict.placeholder(str), use_ema=True))
+      output=ml_collections.config_dict.placeholder(str), weights="ema"))
   c.aot = aot()
   c.compilation_cache = compilation_cache()
   if trainer != "teacher":  # FGM runs: generator and online flow as adapters (off: rank 0)
@@ -127,10 +134,11 @@ def evaluation(num_samples):
 
   classifier_dir: where the digits classifier is cached (None: beside the run's workdir).
   fid: FID settings (``fid()``; off unless its ``inception`` weights are given).
+  weights: the generator weights of the FGM 1-step set ('ema', 'raw', 'ema_<decay>').
   """
   return ml_collections.ConfigDict(dict(
       num_samples=num_samples, teacher_steps=(1, 4, 50), seed=123, output="eval.json",
-      classifier_dir=ml_collections.config_dict.placeholder(str), fid=fid()))
+      classifier_dir=ml_collections.config_dict.placeholder(str), fid=fid(), weights="ema"))
 
 
 def fid():

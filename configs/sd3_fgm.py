@@ -65,7 +65,7 @@ def get_config(variant=""):
   # job=sample: one step, no CFG (the generator has it built in). geneval: the path of
   # GenEval's evaluation_metadata.jsonl to write its folder layout instead of config.prompts.
   c.sample = ml_collections.ConfigDict(dict(
-      num=0, seed=0, batch_size=4, use_ema=True, output="images",
+      num=0, seed=0, batch_size=4, weights="ema", output="images",
       geneval=ml_collections.config_dict.placeholder(str), images_per_prompt=4))
   # job=export: a diffusers folder; the teacher folder's other parts are hard-linked where
   # the file system allows (else copied).

@@ -36,10 +36,10 @@ def panels(root):
   real = evaluators.build(trainer, c.eval, os.path.join(root, "fgm")).reference_panel()
   euler = trainer.teacher_samples(state, n, seed, 50)
   heun = _heun(trainer, state, n, seed)
-  fgm = trainer.samples(state, n, seed, True)
+  fgm = trainer.samples(state, n, seed, "ema")
   trainer12, state12 = run_dir.restore_latest(_fgm_config(root, alpha=1.2),
                                                os.path.join(root, "fgm_alpha1.2"))
-  fgm12 = trainer12.samples(state12, n, seed, True)
+  fgm12 = trainer12.samples(state12, n, seed, "ema")
   return [real,
           sampling.SampleSet("euler50", "teacher Euler 50 steps", euler.x),
           sampling.SampleSet("heun25", "teacher Heun 25 steps", heun.x),

@@ -9,6 +9,7 @@ it. Reads involve no cross-process barrier, so in a multi-process run every proc
 a step and the processes then agree on the outcome (train/loop.py).
 """
 
+import dataclasses
 import functools
 import os
 import sys
@@ -80,8 +81,7 @@ def read(directory: str, step: int, abstract_state):
   path = step_path(directory, step)
   _drop_closed_loop_noise()
   try:
-    state = _handler("state").restore(path / "state",
-                                      args=ocp.args.StandardRestore(abstract_state))
+    state = _restore_state(path / "state", abstract_state)
     meta = _read_json(path)
   except Exception as e:  # pylint: disable=broad-except
     if _layout_differs(path / "state", abstract_state):
@@ -91,6 +91,33 @@ def read(directory: str, step: int, abstract_state):
           "new --workdir, or the code version that wrote it.") from None
     raise CheckpointCorruptError(step, str(path), _root_cause(e)) from e
   return state, meta
+
+
+def _restore_state(state_dir, abstract_state):
+  """The whole state. One saved before a field was added that holds nothing here (e.g.
+  FGMState.gen_extra_emas of a run without extra EMAs) is read as it was saved, the field
+  keeping its empty value."""
+  if not _lacks_empty_fields(state_dir, abstract_state):
+    return _handler("state").restore(state_dir, args=ocp.args.StandardRestore(abstract_state))
+  args = ocp.args.PyTreeRestore(
+      item=abstract_state,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+      partial_restore=True)
+  return _handler("branches").restore(state_dir, args=args)
+
+
+def _lacks_empty_fields(state_dir, abstract_state) -> bool:
+  """True when the saved state lacks fields of the ``abstract_state`` dataclass, all of them
+  without arrays; False otherwise (an unreadable tree included: the restore says why)."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return False
+  try:
+    saved = _handler("state").metadata(state_dir).tree
+  except Exception:  # pylint: disable=broad-except
+    return False
+  absent = [f.name for f in dataclasses.fields(abstract_state) if f.name not in saved]
+  return bool(absent) and not any(jax.tree.leaves(getattr(abstract_state, name))
+                                  for name in absent)
 
 
 def saved_tree(directory: str, step: int) -> dict:

@@ -151,7 +151,8 @@ def _check_training(config, device_count=None):
   sd3 = is_sd3_fgm(config)  # its teacher is a folder, not a run; it samples in one step
   if is_fgm(config):
     require_none(fgm.check_config(config.fgm))
-  require_none(optim.check_config(config.optim, "config.optim"))
+  require_none(optim.check_config(config.optim, "config.optim", extra_emas=is_fgm(config)))
+  _check_weights(config)
   if is_fgm(config):
     require_none(optim.check_config(config.online_optim, "config.online_optim"))
     _check_lora(config)
@@ -182,6 +183,19 @@ def _check_lora(config):
       f"config.fgm.init_generator={f.init_generator!r}, init_online={f.init_online!r}: "
       "low-rank adapters (config.lora.rank > 0) start as the teacher (B = 0); set both to "
       "'teacher', or config.lora.rank=0 for the random-initialisation ablations.")
+
+
+# The section whose ``weights`` names the generator weights a job uses.
+WEIGHTS_SECTIONS = {"sample": "sample", "export": "export", "evaluate": "eval",
+                    "pipeline": "eval"}
+
+
+def _check_weights(config):
+  """The weights a job asks for by name are ones the run keeps (config.optim's EMAs)."""
+  section = WEIGHTS_SECTIONS.get(config.job)
+  if section:
+    require_none(optim.check_weights(config.optim, config[section].weights,
+                                     f"config.{section}.weights"))
 
 
 def _check_trainer(config):

@@ -10,7 +10,8 @@
 An artifact folder holds
 
     generator.safetensors   the generator's parameters ('/'-joined names), EMA by default
-    generator.json          format, model config, t*, example shape, step, teacher, FGM
+    generator.json          format, model config, t*, example shape, step, which weights
+                            (config.export.weights; 'ema_decay' their EMA's), teacher, FGM
                             settings, metrics (when the run was evaluated)
     README.md               the same metadata for people, and how to load it
 
@@ -55,7 +56,7 @@ def export(config, workdir):
         f"model.name={model_config.name!r} needs conditioning, whose export is not built yet.")
   e = config.export
   # The generator's weights alone: not the online flow, the optimizer states or the teacher.
-  generator = run_dir.restore_generator(config, workdir, "ema" if e.use_ema else "raw")
+  generator = run_dir.restore_generator(config, workdir, e.weights)
   out = e.output or os.path.join(workdir, "generator")
   flat = {"/".join(path): np.asarray(x)
           for path, x in params_tree.flatten(jax.device_get(generator.params)).items()}
@@ -64,7 +65,10 @@ def export(config, workdir):
       "model": model_config.to_dict(),
       "t_star": float(config.fgm.t_star),
       "example_shape": list(generator.trainer.shape),
-      "use_ema": generator.weights != "raw",  # what was written, not the flag
+      # What was written, not what was asked: 'ema' of a run without EMA is 'raw'.
+      "weights": generator.weights,
+      "ema_decay": _ema_decay(config.optim, generator.weights),
+      "use_ema": generator.weights != "raw",
       "step": generator.step,
       "parameters": int(sum(x.size for x in flat.values())),
       "teacher": _trained_teacher(config, workdir),
@@ -76,9 +80,23 @@ def export(config, workdir):
   if jax.process_index() == 0:
     _write(out, flat, meta)
   print(f"wrote {out}: one-step generator, step {meta['step']}, "
-        f"{meta['parameters']:,} parameters ({'EMA' if meta['use_ema'] else 'raw'} weights)")
+        f"{meta['parameters']:,} parameters ({_describe(meta)} weights)")
   return out
 
+
+def _ema_decay(optim_config, weights):
+  """The decay of the EMA named ``weights`` (None for the raw weights)."""
+  from fgm_jax.train import optim
+  if weights == "raw":
+    return None
+  return float(optim_config.ema_decay) if weights == "ema" else optim.ema_decay_of(weights)
+
+
+def _describe(meta) -> str:
+  """'raw', or e.g. 'EMA 0.9999' (metadata of older exports: 'EMA')."""
+  if not meta["use_ema"]:
+    return "raw"
+  return f"EMA {meta['ema_decay']}" if meta.get("ema_decay") is not None else "EMA"
 
 def _trained_teacher(config, workdir):
   """The teacher the run was distilled from, as the run recorded it (its config.json): the
@@ -118,7 +136,7 @@ def _readme(meta) -> str:
   lines = [
       "# FGM one-step generator", "",
       f"Exported {meta['exported']} from `{meta['source_workdir']}` at step {meta['step']} "
-      f"({'EMA' if meta['use_ema'] else 'raw'} weights). Model: {meta['model']['name']}, "
+      f"({_describe(meta)} weights). Model: {meta['model']['name']}, "
       f"{meta['parameters']:,} parameters; samples of shape {tuple(meta['example_shape'])}; "
       f"t* = {meta['t_star']}.", "",
       f"Teacher: `{meta['teacher']['workdir']}` ({meta['teacher']['num_steps']} steps of flow "

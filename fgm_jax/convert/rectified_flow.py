@@ -21,7 +21,7 @@ Weights (--weights): 'ema' (default) is the EMA shadow copy, which RectifiedFlow
 samples with (run_lib.py: ``ema.copy_to(score_model.parameters())`` before sampling); 'model'
 is the raw training weights. The chosen weights fill both ``params`` and ``ema_params`` of
 the saved state, so the distiller (config.teacher.use_ema) and job=sample
-(config.sample.use_ema) read them whatever those flags say. The optimizer state is fresh
+(config.sample.weights) read them whatever those fields say. The optimizer state is fresh
 (zero Adam moments); RectifiedFlow's Adam moments are not imported.
 
 What the file holds (their ``utils.save_checkpoint``, read with ``torch.load(...,

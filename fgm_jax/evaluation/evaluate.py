@@ -18,6 +18,7 @@ from fgm_jax import paths
 from fgm_jax.evaluation import evaluators
 from fgm_jax.train import run_dir
 from fgm_jax.train import sampling
+from fgm_jax.train import state as state_lib
 
 
 def sample(config, workdir):
@@ -32,11 +33,11 @@ def sample(config, workdir):
     x = export.load_generator(workdir).sample(s.num, s.seed)
     samples = sampling.generator_set(x)
   elif config_checks.is_fgm(config):  # the generator's weights alone: no teacher, no optimizer
-    generator = run_dir.restore_generator(config, workdir, "ema" if s.use_ema else "raw")
+    generator = run_dir.restore_generator(config, workdir, s.weights)
     samples = generator.trainer.generator_samples(generator.params, s.num, s.seed)
   else:
     trainer, state = run_dir.restore_latest(config, workdir)
-    samples = trainer.samples(state, s.num, s.seed, s.use_ema)
+    samples = trainer.samples(state, s.num, s.seed, s.weights)
   path = os.path.join(workdir, s.output)
   if not distributed.is_writer():  # every process drew the samples (a collective); one writes
     return path
@@ -56,7 +57,8 @@ def measure(trainer, state, eval_config, workdir):
   """
   evaluator = evaluators.build(trainer, eval_config, workdir)
   n = eval_config.num_samples
-  sets = trainer.sample_sets(state, n, eval_config.seed, eval_config.teacher_steps)
+  sets = trainer.sample_sets(state, n, eval_config.seed, eval_config.teacher_steps,
+                             eval_config.weights)
   if not evaluator.has_metric:
     return None, sets, evaluator
   metrics = {}
@@ -78,6 +80,8 @@ def evaluate(config, workdir):
   e = config.eval
   metrics, _, _ = measure(trainer, state, e, workdir)
   results = {"step": int(state.step), "num_samples": e.num_samples, **metrics}
+  if config_checks.is_fgm(config):  # which generator weights the FGM 1-step set used
+    results["weights"] = state_lib.weights_given(state, e.weights)
   path = os.path.join(workdir, e.output)
   if not distributed.is_writer():  # every process measured (a collective); one writes
     return results

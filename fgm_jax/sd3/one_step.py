@@ -32,12 +32,13 @@ from fgm_jax.sd3 import tiny
 EXPORT_NOTE = "fgm_jax.json"
 
 
-def restore_generator(config, workdir, use_ema=True):
-  """(prepared config, trainer, step, generator params on the host, 'ema' or 'raw': which
-  weights those are) of the newest checkpoint; a run without EMA gives its raw weights. Only
-  those weights are read (run_dir.restore_generator): no teacher, prompt cache or optimizer."""
+def restore_generator(config, workdir, weights="ema"):
+  """(prepared config, trainer, step, generator params on the host, which weights those are:
+  'ema', 'raw', 'ema_<decay>') of the newest checkpoint; 'ema' of a run without EMA gives its
+  raw weights. Only those weights are read (run_dir.restore_generator): no teacher, prompt
+  cache or optimizer."""
   from fgm_jax.train import run_dir
-  g = run_dir.restore_generator(config, workdir, "ema" if use_ema else "raw")
+  g = run_dir.restore_generator(config, workdir, weights)
   return g.config, g.trainer, g.step, jax.device_get(g.params), g.weights
 
 
@@ -76,7 +77,7 @@ def sample(config, workdir):
     sampler.geneval_metadata(config.sample.geneval, config.sample.num)
   start = time.time()
   config, trainer, step, params, weights = restore_generator(config, workdir,
-                                                            config.sample.use_ema)
+                                                            config.sample.weights)
   params = generator_weights(trainer, params)
   print(f"one-step generator of step {step} restored ({weights} weights, "
         f"{time.time() - start:.1f} s)")
@@ -190,7 +191,7 @@ def export(config, workdir):
   _require_dtype(e.dtype)
   # Before restoring: from an incomplete teacher folder, diffusers could not load the export.
   require_pipeline_parts(tiny.resolve(config, workdir).sd3.folder)
-  config, trainer, step, params, weights = restore_generator(config, workdir, e.use_ema)
+  config, trainer, step, params, weights = restore_generator(config, workdir, e.weights)
   out = e.output or os.path.join(workdir, "diffusers")
   if not distributed.is_writer():
     return out

@@ -204,12 +204,12 @@ def build_abstract(config, mesh):
 class SD3FGMTrainer(trainers.FGMTrainer):
   """FGM on prompts; pictures come from job=sample (they need the VAE and the prompts)."""
 
-  def samples(self, state, n, seed, use_ema=True):
+  def samples(self, state, n, seed, weights="ema"):
     raise config_checks.ConfigError(
         "SD3 FGM runs draw images with --config.job=sample (prompts -> one step -> VAE); "
         "set config.log.plot_every=0 and config.eval.fid.every=0.")
 
-  def sample_sets(self, state, n, seed, teacher_steps):
+  def sample_sets(self, state, n, seed, teacher_steps, weights="ema"):
     return self.samples(state, n, seed)
 
   # --- job=compile: prompt embeddings as the cache holds them (bf16 tokens, fp32 pooled)

@@ -1,17 +1,19 @@
 """Optimizers and parameter EMA from an ``optim`` ConfigDict.
 
 Fields: lr, b1, b2, eps, warmup_steps, grad_clip (<= 0 disables), weight_decay, ema_decay
-(0 disables the EMA: the EMA copy then equals the parameters); configs/common.optim sets
-all of them.
+(0 disables the EMA: the EMA copy then equals the parameters), extra_ema_decays (an FGM
+generator's further EMAs, each named ema_name(decay)); configs/common.optim sets all of them.
 """
 
 import jax
 import optax
 
 
-def check_config(optim_config, field: str):
-  """What is wrong with the optim section at ``field`` (e.g. 'config.optim'), or None."""
+def check_config(optim_config, field: str, extra_emas: bool = False):
+  """What is wrong with the optim section at ``field`` (e.g. 'config.optim'), or None.
+  ``extra_emas``: whether this section's network keeps extra EMAs (an FGM generator)."""
   o = optim_config
+  extra = tuple(o.extra_ema_decays)
   checks = [
       (o.lr > 0, f"{field}.lr={o.lr} must be > 0; e.g. --{field}.lr=1e-4."),
       (0 <= o.b1 < 1 and 0 <= o.b2 < 1,
@@ -19,8 +21,46 @@ def check_config(optim_config, field: str):
       (0 <= o.ema_decay < 1,
        f"{field}.ema_decay={o.ema_decay} must lie in [0, 1); 0 disables the EMA."),
       (o.warmup_steps >= 0, f"{field}.warmup_steps={o.warmup_steps} must be >= 0."),
+      (extra_emas or not extra,
+       f"{field}.extra_ema_decays={extra}: only an FGM generator keeps extra EMAs (its "
+       "config.optim); set it to ()."),
+      (all(0 < d < 1 for d in extra),
+       f"{field}.extra_ema_decays={extra}: each decay must lie in (0, 1)."),
+      (len(set(extra + (o.ema_decay,))) == len(extra) + 1,
+       f"{field}.extra_ema_decays={extra}: repeats a decay or ema_decay={o.ema_decay} "
+       "(the 'ema' weights); list each other decay once."),
   ]
   return next((message for ok, message in checks if not ok), None)
+
+
+def ema_name(decay: float) -> str:
+  """The weights name of an extra EMA, e.g. 'ema_0.9999': the decay it is updated with."""
+  return f"ema_{float(decay)!r}"
+
+
+def ema_decay_of(name: str) -> float:
+  """The decay an extra EMA named ``name`` (ema_name) is updated with."""
+  return float(name[len("ema_"):])
+
+
+def extra_ema_names(optim_config) -> tuple:
+  """The names of the extra EMAs of extra_ema_decays, in their order."""
+  return tuple(ema_name(d) for d in optim_config.extra_ema_decays)
+
+
+def weight_names(optim_config) -> tuple:
+  """The generator weights a run with this optim section keeps, by name: 'ema' (the EMA at
+  ema_decay, or the trained weights when it keeps none), 'raw', and one per extra EMA."""
+  return ("ema", "raw") + extra_ema_names(optim_config)
+
+
+def check_weights(optim_config, weights, field: str):
+  """What is wrong with the weights named at ``field`` (e.g. 'config.sample.weights') for a
+  run with this optim section, or None."""
+  names = weight_names(optim_config)
+  if weights in names:
+    return None
+  return f"{field}={weights!r} is not kept by this run; choose one of {list(names)}."
 
 
 def learning_rate_schedule(optim_config):

@@ -130,9 +130,9 @@ class RestoredGenerator(NamedTuple):
 
 
 def restore_generator(config, workdir, weights="ema", mesh=None) -> RestoredGenerator:
-  """The generator weights ``weights`` ('ema', 'raw') of the newest checkpoint of the FGM
-  run in ``workdir``, read alone: not the online flow, the optimizer states, the other
-  weights or the teacher (what job=sample and job=export need)."""
+  """The generator weights ``weights`` ('ema', 'raw', 'ema_<decay>') of the newest checkpoint
+  of the FGM run in ``workdir``, read alone: not the online flow, the optimizer states, the
+  other weights or the teacher (what job=sample and job=export need)."""
   mesh = mesh or sharding_lib.mesh_from_config(config.mesh)
   step = newest_step(workdir)
   config, trainer = trainers.build_abstract(config, workdir, mesh)

@@ -99,6 +99,12 @@ def _ema(ema_params, params, decay):
   return None if ema_params is None else optim.ema_update(ema_params, params, decay)
 
 
+def _extra_emas(emas, params):
+  """Each further EMA with the decay its name carries (optim.ema_name): {} stays {}."""
+  return {name: optim.ema_update(ema, params, optim.ema_decay_of(name))
+          for name, ema in emas.items()}
+
+
 def _trainable_only(trainable, teacher_params):
   del teacher_params
   return trainable
@@ -166,6 +172,7 @@ def fgm_step(state: FGMState, teacher_params, cond, base_rng, null_cond=None, re
   new_state = state.replace(
       step=state.step + 1, gen_params=gen_params, gen_opt_state=gen_opt_state,
       gen_ema_params=_ema(state.gen_ema_params, gen_params, ema_decay),
+      gen_extra_emas=_extra_emas(state.gen_extra_emas, gen_params),
       online_params=online_params, online_opt_state=online_opt_state)
   metrics = {"online_loss": jnp.mean(jnp.stack(online_losses)), "generator_loss": gen_loss,
              "generator_grad_norm": optax.tree.norm(gen_grads),

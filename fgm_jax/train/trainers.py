@@ -10,8 +10,8 @@ loop (loop.py), the evaluators and the pipeline use only this surface, never the
     trainer.shardings, .abstract_state           the state's layout, for init and restore
     trainer.init_state(); trainer.train_step(state, step) -> (state, metrics); trainer.close()
     trainer.teacher_params(state)                the teacher's sampling parameters
-    trainer.samples(state, n, seed, use_ema=True) -> SampleSet   what it trains (config.sample)
-    trainer.sample_sets(state, n, seed, teacher_steps) -> [SampleSet]       what to compare
+    trainer.samples(state, n, seed, weights='ema') -> SampleSet  what it trains (config.sample)
+    trainer.sample_sets(state, n, seed, teacher_steps, weights='ema') -> [SampleSet]  to compare
     trainer.traces                               how often each function was traced
     trainer.compile_targets(sample_batch) -> {name: (jitted, abstract args)}  for job=compile
 
@@ -109,8 +109,9 @@ class Trainer:
   def teacher_samples(self, state, n, seed, num_steps):
     return self._teacher_ode(self.teacher_params(state), n, seed, num_steps)
 
-  def sample_sets(self, state, n, seed, teacher_steps):
+  def sample_sets(self, state, n, seed, teacher_steps, weights="ema"):
     """The teacher's N-step sets, in ``teacher_steps`` order, all from the same noise."""
+    del weights  # (FGM runs draw their generator's set with these weights)
     return [self.teacher_samples(state, n, seed, k) for k in teacher_steps]
 
   def close(self):
@@ -202,9 +203,9 @@ class TeacherTrainer(Trainer):
     params = self._abstract_tree(self.abstract_state.params, self.param_shardings)
     return {**targets, **self._sampler_targets(params, sample_batch)}
 
-  def samples(self, state, n, seed, use_ema=True):
-    """The teacher's ODE with config.sample's steps and method."""
-    return self._teacher_ode(self.teacher_params(state, use_ema), n, seed,
+  def samples(self, state, n, seed, weights="ema"):
+    """The teacher's ODE with config.sample's steps and method ('ema' or 'raw' weights)."""
+    return self._teacher_ode(self.teacher_params(state, weights != "raw"), n, seed,
                              self.config.sample.steps)
 
 
@@ -298,6 +299,7 @@ class FGMTrainer(Trainer):
                for name, tag in (("gen", 1), ("online", 2))}
     return state_lib.fgm_state(start["gen"], self.gen_tx, self.online_tx,
                                    ema=self.config.optim.ema_decay > 0,
+                                   extra_emas=optim.extra_ema_names(self.config.optim),
                                    online_params=start["online"])
 
   def _compose(self, trainable, teacher_params):
@@ -361,9 +363,9 @@ class FGMTrainer(Trainer):
         stream.close()
     self._conds = self._reals = None
 
-  def samples(self, state, n, seed, use_ema=True):
-    """The one-step generator's samples."""
-    params = state_lib.generator_params(state, "ema" if use_ema else "raw")
+  def samples(self, state, n, seed, weights="ema"):
+    """The one-step generator's samples with its ``weights`` ('ema', 'raw', 'ema_<decay>')."""
+    params = state_lib.generator_params(state, weights)
     return self.generator_samples(params, n, seed)
 
   def generator_samples(self, params, n, seed):
@@ -372,9 +374,10 @@ class FGMTrainer(Trainer):
     fn = functools.partial(_generator_fn, model=self.model, t_star=self.config.fgm.t_star)
     return sampling.generator_set(self._draw("generator", fn, params, n, seed))
 
-  def sample_sets(self, state, n, seed, teacher_steps):
+  def sample_sets(self, state, n, seed, teacher_steps, weights="ema"):
     """The teacher's N-step sets, then the FGM 1-step set, all from the same noise."""
-    return super().sample_sets(state, n, seed, teacher_steps) + [self.samples(state, n, seed)]
+    return (super().sample_sets(state, n, seed, teacher_steps)
+            + [self.samples(state, n, seed, weights)])
 
   def _abstract_teacher(self):
     """The frozen teacher as the step receives it: config.fgm.teacher_dtype, laid out."""

@@ -63,7 +63,8 @@ def test_export_then_load_gives_the_runs_samples_bit_for_bit(runs):
   out = main_lib.run(_with(config, job="export"), fgm_dir)
   assert sorted(os.listdir(out)) == ["README.md", "generator.json", "generator.safetensors"]
   meta = json.loads(open(os.path.join(out, "generator.json")).read())
-  assert meta["step"] == config.num_steps and meta["use_ema"] and meta["example_shape"] == [2]
+  assert meta["step"] == config.num_steps and meta["weights"] == "ema"
+  assert meta["ema_decay"] == config.optim.ema_decay and meta["example_shape"] == [2]
   assert meta["model"]["name"] == "mlp" and meta["t_star"] == config.fgm.t_star
 
   gen = fgm_jax.load_generator(out)
@@ -72,7 +73,7 @@ def test_export_then_load_gives_the_runs_samples_bit_for_bit(runs):
   np.testing.assert_array_equal(gen.sample(N, seed=3), want)
   assert gen.shape == (2,)
   # EMA weights by default: the raw generator differs.
-  raw = main_lib.run(_with(config, job="export", **{"export.use_ema": False,
+  raw = main_lib.run(_with(config, job="export", **{"export.weights": "raw",
                                                     "export.output": out + "_raw"}), fgm_dir)
   assert not np.array_equal(fgm_jax.load_generator(raw).sample(N, seed=3), want)
 

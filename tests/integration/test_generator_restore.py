@@ -86,16 +86,16 @@ def test_sample_and_export_give_the_whole_states_samples(run):
   job=export give what the whole restored state samples, EMA and raw weights alike."""
   config, fgm_dir = run
   trainer, state = run_dir.restore_latest(config, fgm_dir)
-  for use_ema in (True, False):
-    want = trainer.samples(state, N, config.sample.seed, use_ema).x
-    main_lib.run(_with(config, job="sample", **{"sample.num": N, "sample.use_ema": use_ema}),
+  for weights in ("ema", "raw"):
+    want = trainer.samples(state, N, config.sample.seed, weights).x
+    main_lib.run(_with(config, job="sample", **{"sample.num": N, "sample.weights": weights}),
                  fgm_dir)
     np.testing.assert_array_equal(np.load(os.path.join(fgm_dir, "samples.npz"))["x"], want)
-    out = os.path.join(fgm_dir, f"generator_{use_ema}")
-    main_lib.run(_with(config, job="export", **{"export.use_ema": use_ema,
+    out = os.path.join(fgm_dir, f"generator_{weights}")
+    main_lib.run(_with(config, job="export", **{"export.weights": weights,
                                                 "export.output": out}), fgm_dir)
     exported = safetensors.numpy.load_file(os.path.join(out, "generator.safetensors"))
-    params = state.gen_ema_params if use_ema else state.gen_params
+    params = state.gen_ema_params if weights == "ema" else state.gen_params
     flat = params_tree.flatten(jax.device_get(params))
     assert sorted(exported) == sorted("/".join(path) for path in flat)
     for path, x in flat.items():
@@ -104,4 +104,4 @@ def test_sample_and_export_give_the_whole_states_samples(run):
     np.testing.assert_allclose(fgm_jax.load_generator(out).sample(N, config.sample.seed),
                                want, rtol=1e-5, atol=1e-5)
     meta = json.loads(open(os.path.join(out, "generator.json")).read())
-    assert meta["use_ema"] == use_ema and meta["step"] == config.num_steps
+    assert meta["weights"] == weights and meta["step"] == config.num_steps

@@ -178,7 +178,7 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
   assert ref.max_rel_err(images, got_images) <= 1e-4
   note = json.loads((tmp_path / "one_step" / "fgm_jax.json").read_text())
   assert note["run"] == {"num_inference_steps": 1, "guidance_scale": 1.0}
-  assert export.export.use_ema and note["weights"] == "raw"  # what was written, not the flag
+  assert export.export.weights == "ema" and note["weights"] == "raw"  # what was written
 
 
 def test_export_from_an_incomplete_teacher_folder_is_refused(inputs, trained, tmp_path):
