@@ -110,11 +110,14 @@ def fgm(alpha=1.0, weighting="sid_norm", t_star=1.0):
   """FGM loss settings; the defaults are DESIGN.md's (uniform t in [0, 1], one online-flow
   update per generator update). guidance: the teacher's CFG scale in conditional runs (1: no
   guidance); teacher_dtype: how the frozen teacher is held on the devices; init_generator /
-  init_online: 'teacher' (DESIGN.md) or 'random' (the model's own init; ablations).
+  init_online: 'teacher' (DESIGN.md) or 'random' (the model's own init; ablations);
+  init_generator 'run': a fine-tuning stage, the generator starting from the weights
+  init_weights ('ema', 'raw', 'ema_<decay>') of the finished FGM run at init_run.
   real_data: RealUID's real-data supervision (fgm.py; off: FGM is data-free); its alpha and
   beta are the paper's, not config.fgm.alpha (with it on, config.fgm.alpha must be 0.5)."""
   return dict(alpha=alpha, weighting=weighting, t_star=t_star, online_steps=1, guidance=1.0,
               teacher_dtype="float32", init_generator="teacher", init_online="teacher",
+              init_run=ml_collections.config_dict.placeholder(str), init_weights="ema",
               real_data=real_data(), **times())
 
 

@@ -4,8 +4,10 @@
 
 import os
 
+from fgm_jax import checkpoint
 from fgm_jax import config_checks
 from fgm_jax.config_checks import ConfigError
+from fgm_jax.train import optim
 
 
 def compare_with_saved(config, saved: dict, workdir: str):
@@ -61,3 +63,34 @@ def _diff(saved, current, prefix="config"):
 
 def _norm(v):
   return list(v) if isinstance(v, tuple) else v
+
+
+def check_first_stage(config):
+  """A fine-tuning stage (config.fgm.init_generator='run') stops with one line unless
+  config.fgm.init_run is a finished FGM run of this architecture that keeps the weights
+  config.fgm.init_weights; other runs have nothing to check."""
+  if not config_checks.is_fgm(config) or config.fgm.init_generator != "run":
+    return
+  f = config.fgm
+  field = f"config.fgm.init_run={f.init_run!r}"
+  ckpt_dir = checkpoint.checkpoint_dir(f.init_run)
+  step = checkpoint.latest_step(ckpt_dir)
+  if step is None:
+    raise ConfigError(f"{field}: no checkpoint in {ckpt_dir}; point it at the --workdir of "
+                      "the finished FGM run whose generator this run fine-tunes.")
+  saved = checkpoint.read_meta(ckpt_dir, step)
+  first = saved.get("config", {})
+  if step < first.get("num_steps", step):
+    raise ConfigError(f"{field}: its newest checkpoint is step {step} of its "
+                      f"{first['num_steps']}; finish that run first (rerun it with its "
+                      "--workdir), or point init_run at a finished one.")
+  diffs = _diff(_without_free_fields(saved.get("fingerprint", {})), fingerprint(config),
+                "config.teacher")
+  if diffs:
+    raise ConfigError(f"{field} holds a generator of another architecture ({diffs[0]}); "
+                      "fine-tune with that run's teacher and model.")
+  extra = first.get("optim", {}).get("extra_ema_decays", ())
+  names = ["ema", "raw", *(optim.ema_name(d) for d in extra)]
+  if f.init_weights not in names:
+    raise ConfigError(f"config.fgm.init_weights={f.init_weights!r}: the run at "
+                      f"{f.init_run!r} keeps {names}; choose one of them.")

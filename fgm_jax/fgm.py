@@ -52,9 +52,15 @@ def check_config(fgm_config):
       (0 <= c.t_min < c.t_max <= 1,
        f"config.fgm.t_min={c.t_min}, t_max={c.t_max}: need 0 <= t_min < t_max <= 1."),
       (c.online_steps >= 1, f"config.fgm.online_steps={c.online_steps} must be >= 1."),
-      *[(c[f] in ("teacher", "random"),
-         f"config.fgm.{f}={c[f]!r}: choose 'teacher' (the default) or 'random'.")
-        for f in ("init_generator", "init_online")],
+      (c.init_generator in ("teacher", "random", "run"),
+       f"config.fgm.init_generator={c.init_generator!r}: choose 'teacher' (the default), "
+       "'random' or 'run' (config.fgm.init_run's generator: a fine-tuning stage)."),
+      (c.init_online in ("teacher", "random"),
+       f"config.fgm.init_online={c.init_online!r}: choose 'teacher' (the default) or "
+       "'random'."),
+      (c.init_generator != "run" or bool(c.init_run),
+       "config.fgm.init_run is empty; set it to the --workdir of the finished FGM run whose "
+       "generator this run fine-tunes (config.fgm.init_generator='run')."),
       (c.guidance >= 1.0, f"config.fgm.guidance={c.guidance} must be >= 1 (1: no guidance)."),
       (c.teacher_dtype in TEACHER_DTYPES,
        f"config.fgm.teacher_dtype={c.teacher_dtype!r}: choose 'float32' or 'bfloat16'."),

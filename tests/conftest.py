@@ -115,6 +115,8 @@ FILE_SECONDS = {
     "test_mnist5k.py": 57,
     "test_gcs_bucket.py": 80,  # 2026-12-06 with the SD3 chain (75.6 s on a quiet machine)
     "test_aot.py": 70,  # 2026-12-06: the TPU compiles and the cache restart
+    "test_generator_emas.py": 45,  # a SIGKILLed run and its resume; evaluate by name
+    "test_generator_restore.py": 30,
 }
 DEFAULT_FILE_SECONDS = 15
 

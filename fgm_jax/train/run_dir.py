@@ -28,7 +28,8 @@ def prepare_workdir(config, workdir):
   """Checks that an existing checkpoint fits this config; writes config.json. Before compiling.
 
   Compares with the newest checkpoint whose metadata reads (a damaged one is set aside when
-  the state is restored).
+  the state is restored). A fresh fine-tuning stage checks its first run instead (a resumed
+  one no longer reads it).
   """
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   for step in reversed(checkpoint.steps(ckpt_dir)):
@@ -38,6 +39,8 @@ def prepare_workdir(config, workdir):
       continue
     checkpoint_compat.compare_with_saved(config, saved, workdir)
     break
+  else:
+    checkpoint_compat.check_first_stage(config)
   checkpoint.as_path(workdir).mkdir(parents=True, exist_ok=True)
   if distributed.is_writer():
     checkpoint.write_json(str(checkpoint.as_path(workdir) / "config.json"),

@@ -23,6 +23,7 @@ import functools
 from typing import Callable, NamedTuple
 
 import jax
+from absl import logging
 
 from fgm_jax import checkpoint
 from fgm_jax import checkpoint_compat
@@ -271,8 +272,11 @@ class FGMTrainer(Trainer):
     self.null_cond = (None if null_cond is None
                       else jax.device_put(null_cond, self.sharding.replicated()))
     self._conds = None
-    self._init = self._jit("init", lambda p: sharding_lib.unbox(self._state_from_teacher(p)),
-                           in_shardings=(self.param_shardings,), out_shardings=self.shardings)
+    # A fine-tuning stage's init also takes the first run's generator (init_state).
+    first_run = (self.shardings.gen_params,) if config.fgm.init_generator == "run" else ()
+    self._init = self._jit(
+        "init", lambda p, *g: sharding_lib.unbox(self._state_from_teacher(p, *g)),
+        in_shardings=(self.param_shardings,) + first_run, out_shardings=self.shardings)
     self._step = self._jit(
         "train_step",
         functools.partial(steps.fgm_step, model=self.model, gen_tx=self.gen_tx,
@@ -285,15 +289,19 @@ class FGMTrainer(Trainer):
         out_shardings=(self.shardings, self.sharding.replicated()), donate_argnums=0)
     self._reals = None
 
-  def _state_from_teacher(self, teacher_params):
+  def _state_from_teacher(self, teacher_params, generator=None):
     """Generator and online flow from the teacher (DESIGN.md), or -- for the initialisation
     ablations, config.fgm.init_generator / init_online = 'random' -- from the model's own
-    random initialisation (distinct keys for the two)."""
+    random initialisation (distinct keys for the two). A fine-tuning stage
+    (init_generator='run') starts its generator from ``generator``, the first run's weights
+    (None while only shapes are traced: the teacher's are the same)."""
     f = self.config.fgm
-    start = {name: teacher_params if choice == "teacher" else self._init_params_boxed(
+    start = {name: teacher_params if choice in ("teacher", "run") else self._init_params_boxed(
         jax.random.fold_in(self.keys.init, tag))
              for name, choice, tag in (("gen", f.init_generator, 1),
                                        ("online", f.init_online, 2))}
+    if generator is not None:
+      start["gen"] = generator
     if self.lora is not None:  # adapters over the one frozen teacher; B = 0: the teacher
       start = {name: self.lora.init(teacher_params, jax.random.fold_in(self.keys.init, tag))
                for name, tag in (("gen", 1), ("online", 2))}
@@ -330,7 +338,21 @@ class FGMTrainer(Trainer):
     return self.frozen_teacher
 
   def init_state(self):
-    return self._init(self.frozen_teacher)
+    return self._init(self.frozen_teacher, *self._first_run_generator())
+
+  def _first_run_generator(self):
+    """(), or for a fine-tuning stage (the weights config.fgm.init_weights of the finished
+    run config.fgm.init_run,): its generator's alone (checkpoint_compat.check_first_stage
+    checked that they fit, before anything compiled)."""
+    f = self.config.fgm
+    if f.init_generator != "run":
+      return ()
+    ckpt_dir = checkpoint.checkpoint_dir(f.init_run)
+    params, weights = read_generator(self, ckpt_dir, checkpoint.latest_step(ckpt_dir),
+                                     f.init_weights)
+    logging.info("Generator from the %s weights of %s (a fine-tuning stage).", weights,
+                 f.init_run)
+    return (params,)
 
   def train_step(self, state, step: int):
     # The state's own step keys the randomness; conditioning (if any) is keyed by step.
