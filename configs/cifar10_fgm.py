@@ -79,7 +79,8 @@ def realuid(c):
   c.batch_size = 256  # [RealUID] 256 generated + 256 real (per online update here)
   c.num_steps = 500_000  # [RealUID]
   # Adam (0, 0.999), lr 3e-5, 500-step warm-up, gradient-norm clip 1 for both nets; generator
-  # EMA 0.999 [RealUID].
+  # EMA 0.999, with 0.9996 and 0.9999 tracked beside it (weights 'ema_0.9996', 'ema_0.9999')
+  # to report the best [RealUID].
   c.optim = common.optim(lr=3e-5, b1=0.0, b2=0.999, warmup_steps=500, grad_clip=1.0,
-                         ema_decay=0.999)
+                         ema_decay=0.999, extra_ema_decays=(0.9996, 0.9999))
   c.online_optim = common.optim(lr=3e-5, b1=0.0, b2=0.999, warmup_steps=500, grad_clip=1.0)

@@ -286,6 +286,7 @@ def test_realuid_recipe_distils_the_imported_teacher_on_mock_cifar10(converted, 
   assert (r.enabled, r.alpha, r.beta, c.fgm.alpha, c.fgm.online_steps) == (True, 0.92, 0.94,
                                                                           0.5, 5)
   assert c.fgm.init_online == "random" and c.teacher.data.tfds_name == "cifar10"
+  assert (c.optim.ema_decay, tuple(c.optim.extra_ema_decays)) == (0.999, (0.9996, 0.9999))
   c.teacher.model = NARROW_MODEL
   c.teacher.workdir = converted["model"]
   c.num_steps = 2
