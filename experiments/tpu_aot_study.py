@@ -97,18 +97,22 @@ def sd3(root, remats=("dots", "none", "full"), slices=SD3_SLICES, start=32):
           batch //= 2
 
 
-def lora(root, slice_name, rank, remat="dots", start=None):
-  """SD3-Medium LoRA FGM (config.lora.rank = ``rank``, attention + MLP) on one slice: the
-  largest global batch that fits, searched from ``start`` (default one image per chip) by
-  doubling while it fits, or halving until it does (down to one per chip)."""
-  _, topo, chips = next(s for s in LORA_SLICES if s[0] == slice_name)
+def lora_at(root, slice_name, rank, remat, batch):
+  """One SD3-Medium LoRA FGM step compile (attention + MLP adapters of rank ``rank``)."""
+  _, topo, _ = next(s for s in LORA_SLICES if s[0] == slice_name)
+  return fits(run_case(
+      root, f"lora_{slice_name}_r{rank}_{remat}_b{batch}",
+      SD3 + [f"--config.aot.topology={topo}", f"--config.lora.rank={rank}",
+             f"--config.teacher.model.remat={remat}", f"--config.batch_size={batch}",
+             "--config.aot.functions=('train_step',)"]))
 
-  def compile_at(batch):
-    return fits(run_case(
-        root, f"lora_{slice_name}_r{rank}_{remat}_b{batch}",
-        SD3 + [f"--config.aot.topology={topo}", f"--config.lora.rank={rank}",
-               f"--config.teacher.model.remat={remat}", f"--config.batch_size={batch}",
-               "--config.aot.functions=('train_step',)"]))
+
+def lora(root, slice_name, rank, remat="dots", start=None):
+  """SD3-Medium LoRA FGM on one slice: the largest global batch that fits, searched from
+  ``start`` (default one image per chip) by doubling while it fits, or halving until it
+  does (down to one per chip)."""
+  _, _, chips = next(s for s in LORA_SLICES if s[0] == slice_name)
+  compile_at = lambda batch: lora_at(root, slice_name, rank, remat, batch)
   batch = int(start or chips)
   if compile_at(batch):
     while batch < 64 * chips and compile_at(2 * batch):
@@ -224,6 +228,8 @@ if __name__ == "__main__":
            "table": table}
   if what == "lora":  # lora <root> <slice> <rank> [remat] [start batch]
     lora(root, sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
+  elif what == "lora_at":  # lora_at <root> <slice> <rank> <remat> <batch>: one case
+    lora_at(root, sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
   elif what == "sd3_slice":  # one slice and remat: sd3_slice <root> v6e-8 dots
     sd3(root, remats=(sys.argv[4],), slices=[s for s in SD3_SLICES if s[0] == sys.argv[3]])
   else:

@@ -96,6 +96,8 @@ FILE_SECONDS = {
     "test_cifar10_rf_fid.py": 80,  # 76.6 s on 2026-12-06
     "test_sd3_prompt_cache.py": 90,
     "test_sd3_fgm.py": 140,
+    "test_sd3_lora.py": 120,  # LoRA FGM on the tiny SD3 folder, diffusers + peft outside pytest
+    "test_lora.py": 40,
     "test_unet.py": 80,
     "test_trainer_sharding.py": 80,
     "test_mmdit_parity.py": 64,

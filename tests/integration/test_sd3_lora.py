@@ -5,7 +5,10 @@ with finite losses and move only the adapters (the checkpoint holds no base weig
 devices = 1 device; a SIGKILLed run resumes exactly; the export's merged folder in
 StableDiffusion3Pipeline (1 step, no CFG) and the LoRA file loaded with load_lora_weights onto
 the teacher's pipeline (in the environment `pip install ".[diffusers]"` gives) both equal our
-one-step sampler; bad inputs stop with one line before compiling.
+one-step sampler; job=export and job=sample ask the checkpoint for the generator's adapters
+alone (issue 25, item 3; that such a partial restore reads only those bytes is
+tests/integration/test_generator_restore.py's: these trees are too small for orbax's
+metadata not to dominate a byte count); bad inputs stop with one line before compiling.
 """
 
 import json
@@ -41,12 +44,12 @@ from tests.integration.test_sd3_fgm import (  # noqa: F401  (module fixtures, re
 from tests.parity.reference import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
-STEPS, EVERY = 8, 2
+STEPS, EVERY = 6, 2
 TARGETS = ("attention", "mlp", "adaln")
 
 
 def lora_config(inputs, **overrides):
-  fields = {"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": TARGETS,
+  fields = {"lora.rank": 8, "lora.alpha": 16.0, "lora.targets": TARGETS,
             "optim.lr": 1e-3, "online_optim.lr": 1e-3}
   return fgm_config(inputs, **{**fields, **overrides})
 
@@ -61,6 +64,13 @@ def trained(inputs, tmp_path_factory):
   return config, workdir
 
 
+@pytest.fixture(scope="module")
+def fresh(inputs, tmp_path_factory):
+  """(trainer, its initial state) of a LoRA run (scanned MM-DiT)."""
+  trainer = _trainer(lora_config(inputs), str(tmp_path_factory.mktemp("lora_fresh")))
+  return trainer, trainer.init_state()
+
+
 def _trainer(config, workdir, mesh=None):
   config = trainers.prepare(config, workdir)
   return trainers.build(config, mesh or sharding_lib.mesh_from_config(config.mesh))
@@ -70,11 +80,9 @@ def _flat(tree):
   return traverse_util.flatten_dict(jax.device_get(tree))
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-def test_step_zero_generator_and_online_flow_are_the_teacher(inputs, tmp_path, scan):
-  config = lora_config(inputs, **{"teacher.model.scan_layers": scan})
-  trainer = _trainer(config, str(tmp_path))
-  state = trainer.init_state()
+def test_step_zero_generator_and_online_flow_are_the_teacher(fresh):
+  """(scanned; the unrolled MM-DiT takes adapters alike: tests/unit/test_lora.py)"""
+  trainer, state = fresh
   teacher = trainer.frozen_teacher
   # Only adapters are trained (and have optimizer states): no kernel, bias or table.
   assert {p[-1] for p in _flat(state.gen_params)} == {lora.A, lora.B}
@@ -94,22 +102,18 @@ def test_step_zero_generator_and_online_flow_are_the_teacher(inputs, tmp_path, s
     np.testing.assert_array_equal(a, b)
 
 
-def test_lora_iterations_move_only_the_adapters(inputs, trained, tmp_path):
+def test_lora_iterations_move_only_the_adapters(trained, fresh):
   config, workdir = trained
   step, state = _state(config, workdir)
   assert step == STEPS
-  start = _trainer(config, str(tmp_path)).init_state()
+  start = fresh[1]
   for name in ("gen_params", "online_params"):
     now, then = _flat(getattr(state, name)), _flat(getattr(start, name))
     assert set(now) == set(then) and {p[-1] for p in now} == {lora.A, lora.B}
     assert all(np.all(np.isfinite(v)) for v in now.values())
     moved = max(float(np.max(np.abs(now[p] - then[p]))) for p in now if p[-1] == lora.B)
     assert moved > 1e-4, name  # B left zero: the adapters trained
-  # The run's metrics were finite at every step (the loop stops otherwise) and logged.
-  teacher_size = sum(np.size(v) for v in jax.tree.leaves(_trainer(
-      config, str(tmp_path)).abstract_teacher))
-  adapter_size = sum(np.size(v) for v in jax.tree.leaves(state.gen_params))
-  assert adapter_size < teacher_size / 2
+  # (the run's losses were finite at every step: the loop stops on a non-finite one)
 
 
 def test_lora_step_on_one_device_equals_eight(inputs, trained, tmp_path):
@@ -135,7 +139,7 @@ def test_sigkilled_lora_run_resumes_exactly(inputs, trained, tmp_path_factory):
   proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 300
+  deadline = time.time() + 600
   try:
     while time.time() < deadline and not _complete_steps(ckpt_dir):
       assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -144,6 +148,7 @@ def test_sigkilled_lora_run_resumes_exactly(inputs, trained, tmp_path_factory):
   finally:
     proc.kill()
     proc.wait()
+  assert _complete_steps(ckpt_dir), "no checkpoint within 600 s"
   killed_at = max(_complete_steps(ckpt_dir))
   assert EVERY <= killed_at < STEPS
   loop.train(config, workdir, write_metrics=False, progress=False)
@@ -153,17 +158,34 @@ def test_sigkilled_lora_run_resumes_exactly(inputs, trained, tmp_path_factory):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
 
 
+def _checkpoint_reads(monkeypatch):
+  """Records what job=sample/export ask the checkpoint for: the branches of a partial
+  restore, or a whole state."""
+  from fgm_jax import checkpoint
+  calls = []
+  branches = checkpoint.read_branches
+  monkeypatch.setattr(checkpoint, "read_branches", lambda directory, step, target: (
+      calls.append(sorted(target)) or branches(directory, step, target)))
+  for name in ("restore", "read"):
+    whole = getattr(checkpoint, name)
+    monkeypatch.setattr(checkpoint, name, lambda *a, whole=whole, **k: (
+        calls.append("whole state") or whole(*a, **k)))
+  return calls
+
+
 def test_merged_export_and_lora_file_in_diffusers_equal_our_one_step_sampler(
-    inputs, trained, tmp_path):
+    inputs, trained, tmp_path, monkeypatch):
   folder, _, _ = inputs
   config, workdir = trained
   export = config.copy_and_resolve_references()
   export.job, export.export.output = "export", str(tmp_path / "merged")
   export.export.lora_output = str(tmp_path / "lora")
+  reads = _checkpoint_reads(monkeypatch)
   main_lib.run(export, workdir)
+  assert reads == [["gen_params"]]  # not the online flow, the Adam moments or the teacher
   lora_file = tmp_path / "lora" / sd3_lora.WEIGHT_NAME
   note = json.loads((tmp_path / "merged" / "fgm_jax.json").read_text())
-  assert note["lora"]["rank"] == 4 and note["lora"]["file"] == str(lora_file)
+  assert note["lora"]["rank"] == 8 and note["lora"]["file"] == str(lora_file)
 
   _, _, _, adapters, _ = one_step.restore_generator(config, workdir)
   trainer = _trainer(config, workdir)
@@ -204,7 +226,9 @@ def test_merged_export_and_lora_file_in_diffusers_equal_our_one_step_sampler(
 
   sample = config.copy_and_resolve_references()
   sample.job, sample.sample.num = "sample", 2
+  reads.clear()
   main_lib.run(sample, workdir)
+  assert reads == [["gen_params"]]
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
       "00000_seed0.png", "00001_seed0.png"]
 
@@ -237,7 +261,7 @@ def test_bad_lora_inputs_stop_with_one_line(inputs, trained, tmp_path):
   (other / "config.json").write_text(json.dumps(config_json))
   state = sd3_lora.state_from_adapters(
       jax.device_get(_state(config, workdir)[1].gen_params),
-      _trainer(config, str(tmp_path / "t")).model, 2.0)
+      _trainer(config, str(tmp_path / "t")).model, 1.0)
   lora_file = sd3_lora.save(str(tmp_path / "lora_file"), state)
   with pytest.raises(convert_common.ConversionError) as e:
     sd3_lora.read_checked(lora_file, str(other))

@@ -89,8 +89,8 @@ def test_adapter_gradient_is_the_chain_rule():
   trained = randomise_b(fresh)
   probe = jax.random.normal(jax.random.PRNGKey(4), inputs[0].shape)
   loss = lambda p: jnp.sum(apply(module, p, inputs) * probe)
-  grad_ad = jax.grad(lambda ad: loss(adapters.compose(ad, params)))(trained)
-  grad_w = jax.grad(loss)(adapters.merge(trained, params))
+  grad_ad = jax.jit(jax.grad(lambda ad: loss(adapters.compose(ad, params))))(trained)
+  grad_w = jax.jit(jax.grad(loss))(adapters.merge(trained, params))
   flat_ad, flat_w = traverse_util.flatten_dict(grad_ad), traverse_util.flatten_dict(grad_w)
   flat = traverse_util.flatten_dict(trained)
   s = adapters.scale
