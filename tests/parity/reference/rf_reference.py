@@ -4,7 +4,7 @@ RectifiedFlow (gnobitab/RectifiedFlow, ``ImageGeneration/``) trains score_sde's 
 network with resblock_type='biggan', progressive='none', progressive_input='none',
 embedding_type='positional', conditional=True, skip_rescale=True, fir=False, centered data.
 Their code is not installable and may not be copied, so this module re-states that network
-from its description (/work/shared/reference/rectified_flow_teacher.md and their source, read
+from its description (their README, configs and the checkpoint layout of their source, read
 only): one flat ``all_modules`` ModuleList whose state-dict keys are theirs
 (``all_modules.7.Conv_2.weight``, ``all_modules.9.NIN_0.W``, the float64 ``sigmas`` buffer),
 run in their order. Attribute names and registration order are the checkpoint format; the
