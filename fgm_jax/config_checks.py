@@ -182,7 +182,7 @@ def _check_lora(config):
       config.lora.rank == 0 or f.init_generator == f.init_online == "teacher",
       f"config.fgm.init_generator={f.init_generator!r}, init_online={f.init_online!r}: "
       "low-rank adapters (config.lora.rank > 0) start as the teacher (B = 0); set both to "
-      "'teacher', or config.lora.rank=0 for the random-initialisation ablations.")
+      "'teacher', or config.lora.rank=0 for other starts (random ablations, a first run).")
 
 
 # The section whose ``weights`` names the generator weights a job uses.

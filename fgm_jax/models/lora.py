@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 A, B = "lora_a", "lora_b"
@@ -98,7 +99,7 @@ class Adapters(NamedTuple):
 
   def merge(self, adapters, base, dtype=jnp.float32):
     """``base`` (in ``dtype``) with every adapted kernel replaced by W + s A B: one network's
-    weights, for exports and one-step sampling. numpy in, numpy out."""
+    weights, for exports and one-step sampling (numpy arrays stay numpy, on the host)."""
     lib = _lib(jax.tree.leaves(base)[0])
     flat = {p: lib.asarray(v).astype(dtype) for p, v in traverse_util.flatten_dict(base).items()}
     pairs = traverse_util.flatten_dict(adapters)
@@ -147,7 +148,6 @@ def _plain(tree):
 
 
 def _lib(x):
-  import numpy as np
   return np if isinstance(x, np.ndarray) or np.isscalar(x) else jnp
 
 
