@@ -83,9 +83,10 @@ def test_adapters_on_the_activations_equal_the_merged_weights(scan):
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
-def test_adapter_gradient_is_the_chain_rule():
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_adapter_gradient_is_the_chain_rule(scan):
   """dL/dB = s A^T dL/dW and dL/dA = s dL/dW B^T at W_eff = W + s A B (every layer)."""
-  module, params, adapters, fresh, inputs = setup(True)
+  module, params, adapters, fresh, inputs = setup(scan)
   trained = randomise_b(fresh)
   probe = jax.random.normal(jax.random.PRNGKey(4), inputs[0].shape)
   loss = lambda p: jnp.sum(apply(module, p, inputs) * probe)
