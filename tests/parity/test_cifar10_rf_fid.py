@@ -53,7 +53,7 @@ def test_rf_checkpoint_to_fid(tmp_path):
 
   assert results["step"] == 3 and results["num_samples"] == NUM_SAMPLES
   sets = ["teacher_euler_1step", "teacher_euler_4step", "fgm_1step"]
-  assert set(results) == {"step", "num_samples", *sets}
+  assert set(results) == {"step", "num_samples", "weights", *sets}
   fids = {k: results[k]["fid"] for k in sets}
   assert all(math.isfinite(v) and v > 0 for v in fids.values()), fids
   assert len(set(fids.values())) == 3, fids  # three different sample sets

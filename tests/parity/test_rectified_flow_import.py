@@ -185,7 +185,7 @@ def test_workdir_records_config_and_provenance(converted):
       "ema", ckpt.step, rf_reference.param_count(ckpt.model))
   assert prov["dropped"] == {"sigmas": "float64[1000]"}
   meta = checkpoint.read_meta(checkpoint.checkpoint_dir(workdir))
-  assert meta["job"] == "teacher" and meta["imported_from"]["sha256"] == prov["sha256"]
+  assert meta["job"] == "train" and meta["imported_from"]["sha256"] == prov["sha256"]
   logs = "\n".join(converted["ema_log"])
   assert "EMA (what RectifiedFlow samples with" in logs and "189,347 parameters" in logs
 
