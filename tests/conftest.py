@@ -101,12 +101,12 @@ FILE_SECONDS = {
     "test_unet.py": 80,
     "test_trainer_sharding.py": 80,
     "test_mmdit_parity.py": 64,
-    "test_resume.py": 60,
+    "test_resume.py": 85,  # 2026-12-07: + the real-data (RealUID) kill and resume
     "test_pipeline.py": 57,
     "test_attention_padding.py": 56,
     "test_mmdit_scan.py": 55,
     "test_vae_parity.py": 53,
-    "test_rectified_flow_import.py": 41,
+    "test_rectified_flow_import.py": 70,  # + the RealUID recipe on mock CIFAR-10
     "test_digits_metric.py": 35,
     "test_checkpoint_faults.py": 33,
     "test_fid.py": 40,
