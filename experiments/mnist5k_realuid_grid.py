@@ -16,6 +16,7 @@ from fgm_jax.evaluation import evaluators
 from fgm_jax.evaluation import plots
 from fgm_jax.train import run_dir
 from fgm_jax.train import sampling
+from mnist5k_grid import _heun  # (experiments/ is on sys.path when run as a script)
 
 RUNS = (("fgm", "data-free FGM", None),
         ("realuid_a0.92_b0.874_k1_s0", "real data, b/a 0.95", (0.92, 0.874)),
@@ -30,15 +31,6 @@ def _config(root, real=None):
     c.fgm.alpha = 0.5
     c.fgm.real_data.update(dict(enabled=True, alpha=real[0], beta=real[1]))
   return c
-
-
-def _heun(trainer, state, n, seed):
-  sample = trainer.teacher_sample
-  method, sample.method = sample.method, "heun"
-  try:
-    return trainer.teacher_samples(state, n, seed, 25)
-  finally:
-    sample.method = method
 
 
 def panels(root):
