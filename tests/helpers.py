@@ -96,3 +96,42 @@ def worker_cache_dir(tmp_path_factory):
   path = tmp_path_factory.getbasetemp() / "xla_cache"
   path.mkdir(exist_ok=True)
   return path
+
+
+def complete_steps(ckpt_dir):
+  """The complete checkpoint steps in a local ``ckpt_dir`` (orbax writes a step under a
+  temporary name and renames it when done, so a digits-only folder is a finished one)."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def checkpointed(ckpt_dir, min_step=1):
+  """A ``ready`` for run_and_kill: ``ckpt_dir`` holds a complete checkpoint >= min_step."""
+  return lambda: max(complete_steps(ckpt_dir), default=-1) >= min_step
+
+
+def run_and_kill(cmd, env, ready, timeout=300, poll=0.02):
+  """Starts ``cmd`` in the repository root with ``env`` and SIGKILLs it the moment
+  ``ready()`` holds (a real kill, mid-run: nothing is flushed or closed). Fails with the
+  tail of the run's stderr if the run ends first, or if ``ready`` does not hold within
+  ``timeout`` seconds; ``ready`` is asked every ``poll`` seconds."""
+  import signal
+  import subprocess
+  import tempfile
+  import time
+  with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a full pipe would stall
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + timeout
+    try:
+      while not ready():
+        if proc.poll() is not None:
+          stderr.seek(0)
+          raise AssertionError("the run ended before it could be killed:\n"
+                               + stderr.read().decode(errors="replace")[-2000:])
+        assert time.time() < deadline, f"the run was not ready to kill within {timeout} s"
+        time.sleep(poll)
+      proc.send_signal(signal.SIGKILL)
+    finally:
+      proc.kill()
+      proc.wait()

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -141,21 +140,10 @@ def _run(cmd, **env):
 def _run_and_kill(cmd, ckpt_dir, kill_after_step):
   """Starts the pipeline, SIGKILLs it once the bucket holds a complete teacher checkpoint
   >= kill_after_step; returns that step."""
-  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  try:
-    while time.time() < deadline:
-      step = checkpoint.latest_step(ckpt_dir)
-      if step is not None and step >= kill_after_step:
-        proc.send_signal(signal.SIGKILL)
-        return step
-      assert proc.poll() is None, "the pipeline ended before it could be killed"
-      time.sleep(0.1)
-    raise AssertionError(f"no checkpoint >= {kill_after_step} in {ckpt_dir} in time")
-  finally:
-    proc.kill()
-    proc.wait()
+  step = lambda: checkpoint.latest_step(ckpt_dir)
+  helpers.run_and_kill(cmd, _env(), lambda: (step() or -1) >= kill_after_step, timeout=240,
+                       poll=0.1)
+  return step()
 
 
 @pytest.fixture(scope="module")

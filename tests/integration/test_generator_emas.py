@@ -5,10 +5,7 @@ not keep is refused in one line; a checkpoint saved before the field existed sti
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -94,19 +91,9 @@ def test_sigkilled_run_resumes_its_emas_exactly(runs, cache, tmp_path):
          f"--config.optim.extra_ema_decays={EXTRA}"]  # (overrides() leaves tuples out)
   env = dict(os.environ, XLA_FLAGS=xla_flags.for_devices(8), PYTHONPATH=helpers.ROOT,
              **helpers.compilation_cache_env(cache))
-  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
-  deadline = time.time() + 300
-  try:
-    while time.time() < deadline and max(checkpoint.steps(ckpt_dir), default=0) < KILL:
-      assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-      time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
-  killed_at = max(checkpoint.steps(ckpt_dir))
+  helpers.run_and_kill(cmd, env, helpers.checkpointed(ckpt_dir, KILL))
+  killed_at = max(helpers.complete_steps(ckpt_dir))
   assert KILL <= killed_at < STEPS
   loop.train(config, workdir, write_metrics=False, progress=False)  # resumed here
   (_, a), (_, b) = (run_dir.restore_latest(config, w) for w in (workdir_a, workdir))

@@ -14,8 +14,6 @@ metadata not to dominate a byte count); bad inputs stop with one line before com
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -40,7 +38,7 @@ from tests import extra_env
 from tests import helpers
 from tests import xla_flags
 from tests.integration.test_sd3_fgm import (  # noqa: F401  (module fixtures, reused)
-    T5_LENGTH, _compile_once, _complete_steps, _state, fgm_config, inputs)
+    T5_LENGTH, _compile_once, _state, fgm_config, inputs)
 from tests.parity.reference import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
@@ -136,20 +134,9 @@ def test_sigkilled_lora_run_resumes_exactly(inputs, trained, tmp_path_factory):
          f"--config.lora.targets={TARGETS!r}"]
   env = dict(os.environ, XLA_FLAGS=xla_flags.for_devices(8), PYTHONPATH=helpers.ROOT,
              **helpers.compilation_cache_env(helpers.worker_cache_dir(tmp_path_factory)))
-  proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 600
-  try:
-    while time.time() < deadline and not _complete_steps(ckpt_dir):
-      assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-      time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.kill()
-    proc.wait()
-  assert _complete_steps(ckpt_dir), "no checkpoint within 600 s"
-  killed_at = max(_complete_steps(ckpt_dir))
+  helpers.run_and_kill(cmd, env, helpers.checkpointed(ckpt_dir), timeout=600)
+  killed_at = max(helpers.complete_steps(ckpt_dir))
   assert EVERY <= killed_at < STEPS
   loop.train(config, workdir, write_metrics=False, progress=False)
   (step_a, a), (step_b, b) = _state(config, workdir_a), _state(config, workdir)

@@ -174,8 +174,8 @@ def _finished_shards(cache_dir):
   return sum(n.startswith("shard-") for n in os.listdir(cache_dir))  # temporaries: ".shard-"
 
 
-def _cli(config, workdir):
-  import subprocess
+def _cli_command(config, workdir):
+  """The prompt_cache job's command line for ``config`` and its environment."""
   import sys
   from tests import helpers
   from tests import xla_flags
@@ -186,15 +186,12 @@ def _cli(config, workdir):
           f"--config.prompts={config.prompts}", f"--config.shard_size={config.shard_size}",
           f"--config.batch_size={config.batch_size}",
           f"--config.sd3.t5_length={config.sd3.t5_length}"]
-  return subprocess.Popen(args, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  return args, env
 
 
 def test_writer_killed_mid_run_resumes_to_the_same_shards(setup, tmp_path):
   """A real SIGKILL of the command-line writer once some shards exist; the rerun finishes
   with files identical to an uninterrupted run."""
-  import signal
-  import time
   config, _, _, _ = setup
   c = config.copy_and_resolve_references()
   prompts = [f"a photo of {n} cats and a dog" for n in range(40)]
@@ -203,18 +200,8 @@ def test_writer_killed_mid_run_resumes_to_the_same_shards(setup, tmp_path):
   uninterrupted = str(tmp_path / "uninterrupted")
   main_lib.run(c, uninterrupted)
   killed = str(tmp_path / "killed")
-  proc = _cli(c, killed)
-  try:
-    deadline = time.time() + 240
-    while time.time() < deadline:
-      if _finished_shards(killed) >= 1:
-        proc.send_signal(signal.SIGKILL)
-        break
-      assert proc.poll() is None, proc.stderr.read()[-2000:]
-      time.sleep(0.01)
-  finally:
-    proc.kill()
-    proc.wait()
+  from tests import helpers
+  helpers.run_and_kill(*_cli_command(c, killed), lambda: _finished_shards(killed) >= 1, timeout=240)
   assert 1 <= _finished_shards(killed) < len(prompts)
   assert not prompt_cache.read_manifest(killed)["complete"]
   main_lib.run(c, killed)
