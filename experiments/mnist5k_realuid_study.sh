@@ -43,6 +43,43 @@ ruid() {  # ruid ALPHA BETA K SEED [FLAGS...]
       --config.fgm.real_data.beta="$b" --config.fgm.online_steps="$k" --config.seed="$s" "$@"
 }
 
+# A finished run continued to more iterations (the same flags plus --config.num_steps), in a
+# copy of its workdir: the run resumes from its last checkpoint, so the extension costs only
+# the extra iterations, and the data stream (keyed by step) continues as in one long run.
+long() {  # long BASE STEPS FLAGS...: ROOT/BASE continued to STEPS iterations in ROOT/BASE_itSTEPS
+  local base=$1 steps=$2; shift 2
+  local name="${base}_it${steps}"
+  if [ ! -d "$ROOT/$name" ]; then
+    [ -f "$ROOT/$base/eval_n$N.json" ] || variant_of_run "$base"
+    cp -r "$ROOT/$base" "$ROOT/$name.partial" && rm -f "$ROOT/$name.partial"/eval*.json
+    mv "$ROOT/$name.partial" "$ROOT/$name"
+  fi
+  run "$name" --config.num_steps="$steps" "$@"
+}
+
+ruid_flags() {  # ruid_flags ALPHA BETA K SEED: the RealUID flags of one run
+  echo --config.fgm.alpha=0.5 --config.fgm.real_data.enabled=True \
+      --config.fgm.real_data.alpha="$1" --config.fgm.real_data.beta="$2" \
+      --config.fgm.online_steps="$3" --config.seed="$4"
+}
+
+ft() {  # ft FIRST SEED: the fine-tuning stage of the finished run ROOT/FIRST, in ROOT/ft_FIRST
+  [ -f "$ROOT/$1/eval_n$N.json" ] || { echo "run $1 first (its long_ variant)" >&2; exit 2; }
+  run "ft_$1" $(ruid_flags 0.92 0.86 1 "$2") --config.fgm.init_generator=run \
+      --config.fgm.init_run="$ROOT/$1" --config.fgm.init_weights=ema --config.optim.lr=1e-4 \
+      --config.online_optim.lr=1e-4
+}
+
+variant_of_run() {  # the variant that makes the run ROOT/NAME (for long's base)
+  case $1 in
+    fgm) variant fgm_s0 ;;
+    fgm_s1) variant fgm_s1 ;;
+    realuid_a0.92_b0.9016_k1_s*) variant "ratio0.98_k1_s${1##*_s}" ;;
+    realuid_a0.92_b0.874_k1_s*) variant "ratio0.95_k1_s${1##*_s}" ;;
+    *) echo "no variant makes $1" >&2; exit 2 ;;
+  esac
+}
+
 variant() {
   case $1 in
     teacher)  # Euler 50 and Heun 25 (50 evaluations each) at N, the same noise as every row
@@ -82,6 +119,18 @@ variant() {
     pull_a${PULL_A:-0.5}_b${PULL_B:-1.5}_k${PULL_K:-1}_s${PULL_S:-0})
       ruid "${PULL_A:-0.5}" "${PULL_B:-1.5}" "${PULL_K:-1}" "${PULL_S:-0}" \
           --config.fgm.real_data.allow_beta_above_one=True ;;
+    # Three times as long (1,800 iterations): the 600-iteration runs above, continued.
+    long_fgm_s0) long fgm 1800 ;;
+    long_fgm_s1) long fgm_s1 1800 --config.seed=1 ;;
+    long_ratio0.98_k1_s[01]) long "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
+    long_ratio0.95_k1_s[01]) long "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
+    # The reference's fine-tuning stage after a long run: the generator from its EMA, the
+    # online flow from the teacher again, fresh optimisers, a third of the lr, beta/alpha 0.935
+    # (their fine-tuning alpha/beta), 600 iterations.
+    finetune_ratio0.98_k1_s[01]) ft "realuid_a0.92_b0.9016_k1_s${1##*_s}_it1800" "${1##*_s}" ;;
+    finetune_ratio0.95_k1_s[01]) ft "realuid_a0.92_b0.874_k1_s${1##*_s}_it1800" "${1##*_s}" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }

@@ -14,8 +14,11 @@ import os
 import re
 import sys
 
+import mnist5k_table  # experiments/ is the script's folder, first on sys.path
+
 N = 5000
 SEED = re.compile(r"_s(\d+)$")
+ITERATIONS = re.compile(r"_it(\d+)$")
 
 
 def _fd(path, key):
@@ -23,19 +26,16 @@ def _fd(path, key):
     return json.load(f)[key]["fd"]
 
 
-def _times(root):
-  out = {}
-  path = os.path.join(root, "realuid_times.tsv")
-  if os.path.exists(path):
-    for line in open(path):
-      name, seconds = line.split("\t")
-      if ":" not in name:
-        out[name] = int(seconds)
-  return out
-
-
 def _label(name):
-  """Variant label and seed of a run folder."""
+  """Variant label and seed of a run folder (``<run>_it<N>``: that run continued to N
+  iterations, its own row)."""
+  if name.startswith("ft_"):  # the study's fine-tuning stage (mnist5k_realuid_study.sh: ft)
+    label, seed = _label(name[3:])
+    return f"fine-tuned (alpha_r 0.92, beta_r 0.86, lr 1e-4, 600 more) after: {label}", seed
+  it = ITERATIONS.search(name)
+  if it:
+    label, seed = _label(ITERATIONS.sub("", name))
+    return f"{label}, {int(it.group(1)):,} iterations", seed
   if name == "fgm":
     return "data-free FGM (alpha 1; the default)", 0
   m = SEED.search(name)
@@ -59,7 +59,7 @@ def _stats(values):
 
 def main(root):
   rows = collections.defaultdict(dict)
-  times = _times(root)
+  times = mnist5k_table.read_times(root, "realuid_times.tsv")
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name, f"eval_n{N}.json")
     if os.path.exists(path):

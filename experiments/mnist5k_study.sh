@@ -14,13 +14,7 @@ PY=${PYTHON:-python}
 mkdir -p "$ROOT"
 TIMES="$ROOT/study_times.tsv"
 
-timed() {  # timed NAME CMD...: run CMD, append "NAME seconds" to $TIMES
-  local name=$1; shift
-  local start=$SECONDS
-  echo "=== $name: $* ($(date -u +%H:%M:%S))"
-  "$@"
-  echo -e "$name\t$((SECONDS - start))" >> "$TIMES"
-}
+source experiments/timed.sh  # timed NAME CMD...
 
 # 1. Headline: teacher, FGM (alpha 1, t* 1, one online step, both nets from the teacher),
 #    evaluation of teacher Euler 1/2/4/8/16/50 and FGM 1 step, report and grids.

@@ -38,9 +38,11 @@ def _metrics(path):
   return data.get("metrics", data)  # the pipeline nests them; job=evaluate does not
 
 
-def _times(root):
+def read_times(root, name="study_times.tsv"):
+  """{run: seconds} from a study's "NAME<TAB>seconds" lines (a run stopped and resumed has
+  one line per attempt: summed)."""
   out = {}
-  path = os.path.join(root, "study_times.tsv")
+  path = os.path.join(root, name)
   if os.path.exists(path):
     for line in open(path):
       name, seconds = line.split("\t")
@@ -71,7 +73,7 @@ def teacher_rows(root):
 
 def fgm_rows(root):
   """(label, FDs at N = 1,000, FDs at N_LARGE, distill seconds) per variant, seeds in order."""
-  times = _times(root)
+  times = read_times(root)
   rows = []
   for label, runs in VARIANTS:
     fds, large, secs = [], [], []
@@ -120,7 +122,7 @@ def wall_markdown(root):
   lines = ["| run | seconds |", "|---|---|"]
   lines += [f"| pipeline: {k} | {v:.0f} |" for k, v in stages.items()]
   total = sum(stages.values())
-  for name, seconds in _times(root).items():
+  for name, seconds in read_times(root).items():
     if name != "pipeline":
       lines.append(f"| {name} | {seconds} |")
       total += seconds
