@@ -93,6 +93,35 @@ def _state(config, workdir, mesh=None, step=None):
   return int(state.step), jax.device_get(state)
 
 
+class OneStepCase:
+  """Two prompts of the tiny folder with fixed noise, sampled in one step without guidance by
+  our sampler (any transformer weights) and by diffusers' StableDiffusion3Pipeline (any
+  folder it loads): the comparison both export tests make."""
+
+  def __init__(self, folder):
+    self.sd3 = sampler.load(folder, t5_length=T5_LENGTH)
+    self.prompts = ref.PROMPT_TEXTS[:2]
+    self.noise = np.stack([sampler.initial_noise(0, i, (8, 8, 4)) for i in range(2)])
+    context, pooled = text.encode_prompt(self.sd3.encoders, self.prompts)
+    self.cond = {"context": context, "pooled": pooled}
+
+  def ours(self, params):
+    """(latents, images) of our one-step sampler with transformer ``params``."""
+    return sampler._sampler(self.sd3, 1, 1.0)(params, self.sd3.vae_params, self.noise,
+                                              self.cond, self.cond)
+
+  def diffusers(self, pipeline_folder, images=False):
+    """diffusers' latents (NHWC), and its images too when asked."""
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(pipeline_folder))
+    kwargs = dict(prompt=self.prompts, num_inference_steps=1, guidance_scale=1.0, height=16,
+                  width=16, max_sequence_length=T5_LENGTH,
+                  latents=torch.from_numpy(self.noise).permute(0, 3, 1, 2))
+    with torch.no_grad():
+      latents = pipe(output_type="latent", **kwargs).images.permute(0, 2, 3, 1).numpy()
+      return (latents, pipe(output_type="np", **kwargs).images) if images else latents
+
+
 def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
     inputs, trained, tmp_path):
   folder, _, _ = inputs
@@ -141,26 +170,14 @@ def test_distill_sample_export_and_diffusers_reproduces_the_one_step_sampler(
     np.testing.assert_array_equal(a, b)  # fp32 export: the checkpoint's EMA-less weights
 
   # Our one-step sampler (the checkpoint's generator) vs diffusers on the exported folder.
-  from diffusers import StableDiffusion3Pipeline
-  sd3 = sampler.load(folder, t5_length=T5_LENGTH)
-  prompts = ref.PROMPT_TEXTS[:2]
-  noise = np.stack([sampler.initial_noise(0, i, (8, 8, 4)) for i in range(2)])
-  context, pooled = text.encode_prompt(sd3.encoders, prompts)
-  cond = {"context": context, "pooled": pooled}
-  latents, images = sampler._sampler(sd3, 1, 1.0)(gen, sd3.vae_params, noise, cond, cond)
-  pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "one_step"))
-  kwargs = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, height=16,
-                width=16, max_sequence_length=T5_LENGTH,
-                latents=torch.from_numpy(noise).permute(0, 3, 1, 2))
-  with torch.no_grad():
-    want_latents = pipe(output_type="latent", **kwargs).images.permute(0, 2, 3, 1).numpy()
-    want_images = pipe(output_type="np", **kwargs).images
+  case = OneStepCase(folder)
+  prompts, noise = case.prompts, case.noise
+  latents, images = case.ours(gen)
+  want_latents, want_images = case.diffusers(tmp_path / "one_step", images=True)
   assert ref.max_rel_err(latents, want_latents) <= 1e-4
   assert ref.max_rel_err(images, want_images) <= 1e-4
   # The teacher's one step differs: the comparison sees the distilled weights.
-  teacher_latents, _ = sampler._sampler(sd3, 1, 1.0)(teacher, sd3.vae_params, noise, cond,
-                                                     cond)
-  assert ref.max_rel_err(teacher_latents, want_latents) > 1e-5
+  assert ref.max_rel_err(case.ours(teacher)[0], want_latents) > 1e-5
   # The same folder where users run it (README): the environment `pip install -e
   # ".[diffusers]"` gives, without torchvision, in a process without pytest's torchvision
   # hook (tests/extra_env.py says why it is built from this environment's files).

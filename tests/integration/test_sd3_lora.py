@@ -29,8 +29,6 @@ from fgm_jax.convert import diffusers as dconv
 from fgm_jax.convert import sd3_lora
 from fgm_jax.models import lora
 from fgm_jax.sd3 import one_step
-from fgm_jax.sd3 import sampler
-from fgm_jax.sd3 import text
 from fgm_jax.train import loop
 from fgm_jax.train import steps
 from fgm_jax.train import trainers
@@ -38,7 +36,7 @@ from tests import extra_env
 from tests import helpers
 from tests import xla_flags
 from tests.integration.test_sd3_fgm import (  # noqa: F401  (module fixtures, reused)
-    T5_LENGTH, _compile_once, _state, fgm_config, inputs)
+    OneStepCase, T5_LENGTH, _compile_once, _state, fgm_config, inputs)
 from tests.parity.reference import sd3_reference as ref
 
 torch = pytest.importorskip("torch")
@@ -184,22 +182,12 @@ def test_merged_export_and_lora_file_in_diffusers_equal_our_one_step_sampler(
     np.testing.assert_array_equal(a, b)  # fp32 export: the merged weights
     np.testing.assert_allclose(c, b, rtol=0, atol=1e-6)  # the file, merged by us
 
-  sd3 = sampler.load(folder, t5_length=T5_LENGTH)
-  prompts = ref.PROMPT_TEXTS[:2]
-  noise = np.stack([sampler.initial_noise(0, i, (8, 8, 4)) for i in range(2)])
-  context, pooled = text.encode_prompt(sd3.encoders, prompts)
-  cond = {"context": context, "pooled": pooled}
-  latents, images = sampler._sampler(sd3, 1, 1.0)(gen, sd3.vae_params, noise, cond, cond)
-  from diffusers import StableDiffusion3Pipeline
-  pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "merged"))
-  kwargs = dict(prompt=prompts, num_inference_steps=1, guidance_scale=1.0, height=16,
-                width=16, max_sequence_length=T5_LENGTH,
-                latents=torch.from_numpy(noise).permute(0, 3, 1, 2))
-  with torch.no_grad():
-    want_latents = pipe(output_type="latent", **kwargs).images.permute(0, 2, 3, 1).numpy()
+  case = OneStepCase(folder)
+  prompts, noise = case.prompts, case.noise
+  latents, images = case.ours(gen)
+  want_latents = case.diffusers(tmp_path / "merged")
   assert ref.max_rel_err(latents, want_latents) <= 1e-4
-  teacher_latents, _ = sampler._sampler(sd3, 1, 1.0)(sd3.mmdit_params, sd3.vae_params, noise,
-                                                     cond, cond)
+  teacher_latents, _ = case.ours(case.sd3.mmdit_params)
   assert ref.max_rel_err(teacher_latents, want_latents) > 1e-3  # the adapters' effect shows
   # The LoRA file onto the teacher's own folder, where users load it: `pip install
   # ".[diffusers]"` (peft included), outside pytest.
