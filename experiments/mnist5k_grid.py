@@ -13,7 +13,8 @@ import shutil
 import sys
 import tempfile
 
-from configs import mnist_fgm
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+from configs import mnist_fgm  # noqa: E402
 from fgm_jax.evaluation import evaluators
 from fgm_jax.evaluation import plots
 from fgm_jax.train import run_dir
@@ -56,13 +57,18 @@ def _heun(trainer, state, n, seed):
     sample.method = method
 
 
-def main(argv):
-  root = argv[1] if len(argv) > 1 else "runs/mnist5k"
-  out = argv[2] if len(argv) > 2 else "experiments/results/mnist5k_grids.png"
+def write_figure(sets, out):
+  """The panels side by side (fgm_jax's sample-grid figure), saved at ``out``."""
   with tempfile.TemporaryDirectory() as tmp:
-    name = plots.sample_sets_figure(panels(root), "grid", tmp)
+    name = plots.sample_sets_figure(sets, "grid", tmp)
     shutil.copyfile(os.path.join(tmp, name), out)
   print(f"wrote {out}")
+
+
+def main(argv):
+  root = argv[1] if len(argv) > 1 else "runs/mnist5k"
+  write_figure(panels(root), argv[2] if len(argv) > 2 else
+               "experiments/results/mnist5k_grids.png")
 
 
 if __name__ == "__main__":

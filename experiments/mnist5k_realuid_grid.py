@@ -7,16 +7,15 @@ teacher's Euler 50 and Heun 25 steps, data-free FGM and FGM with real data at be
 """
 
 import os
-import shutil
 import sys
-import tempfile
 
-from configs import mnist_fgm
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+from configs import mnist_fgm  # noqa: E402
 from fgm_jax.evaluation import evaluators
 from fgm_jax.evaluation import plots
 from fgm_jax.train import run_dir
 from fgm_jax.train import sampling
-from mnist5k_grid import _heun  # (experiments/ is on sys.path when run as a script)
+import mnist5k_grid  # (experiments/ is on sys.path when run as a script)
 
 RUNS = (("fgm", "data-free FGM", None),
         ("realuid_a0.92_b0.874_k1_s0", "real data, b/a 0.95", (0.92, 0.874)),
@@ -40,7 +39,7 @@ def panels(root):
   out = [evaluators.build(trainer, c.eval, os.path.join(root, "fgm")).reference_panel(),
          sampling.SampleSet("euler50", "teacher Euler 50 steps",
                             trainer.teacher_samples(state, n, seed, 50).x),
-         sampling.SampleSet("heun25", "teacher Heun 25 steps", _heun(trainer, state, n, seed).x)]
+         sampling.SampleSet("heun25", "teacher Heun 25 steps", mnist5k_grid._heun(trainer, state, n, seed).x)]
   for name, label, real in RUNS:
     run_trainer, run_state = run_dir.restore_latest(_config(root, real), os.path.join(root, name))
     out.append(sampling.SampleSet(name, label, run_trainer.samples(run_state, n, seed, "ema").x))
@@ -48,12 +47,8 @@ def panels(root):
 
 
 def main(argv):
-  root = argv[1]
-  out = argv[2] if len(argv) > 2 else "experiments/results/mnist5k_realuid_grids.png"
-  with tempfile.TemporaryDirectory() as tmp:
-    name = plots.sample_sets_figure(panels(root), "grid", tmp)
-    shutil.copyfile(os.path.join(tmp, name), out)
-  print(f"wrote {out}")
+  mnist5k_grid.write_figure(panels(argv[1]), argv[2] if len(argv) > 2 else
+                            "experiments/results/mnist5k_realuid_grids.png")
 
 
 if __name__ == "__main__":
