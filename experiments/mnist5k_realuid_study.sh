@@ -18,13 +18,7 @@ TIMES="$ROOT/realuid_times.tsv"
 F=(--config=configs/mnist_fgm.py --config.teacher.workdir="$ROOT/teacher"
    --config.eval.classifier_dir="$ROOT/mnist5k_classifier")
 
-timed() {  # timed NAME CMD...: run CMD, append "NAME seconds" to $TIMES
-  local name=$1; shift
-  local start=$SECONDS
-  echo "=== $name: $* ($(date -u +%H:%M:%S))"
-  "$@"
-  echo -e "$name\t$((SECONDS - start))" >> "$TIMES"
-}
+source experiments/timed.sh  # timed NAME CMD...
 
 run() {  # run NAME FLAGS...: distil into ROOT/NAME, then score it on N samples
   local name=$1; shift
@@ -61,13 +55,6 @@ ruid_flags() {  # ruid_flags ALPHA BETA K SEED: the RealUID flags of one run
   echo --config.fgm.alpha=0.5 --config.fgm.real_data.enabled=True \
       --config.fgm.real_data.alpha="$1" --config.fgm.real_data.beta="$2" \
       --config.fgm.online_steps="$3" --config.seed="$4"
-}
-
-ft() {  # ft FIRST SEED: the fine-tuning stage of the finished run ROOT/FIRST, in ROOT/ft_FIRST
-  [ -f "$ROOT/$1/eval_n$N.json" ] || { echo "run $1 first (its long_ variant)" >&2; exit 2; }
-  run "ft_$1" $(ruid_flags 0.92 0.86 1 "$2") --config.fgm.init_generator=run \
-      --config.fgm.init_run="$ROOT/$1" --config.fgm.init_weights=ema --config.optim.lr=1e-4 \
-      --config.online_optim.lr=1e-4
 }
 
 variant_of_run() {  # the variant that makes the run ROOT/NAME (for long's base)
@@ -126,11 +113,6 @@ variant() {
         $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
     long_ratio0.95_k1_s[01]) long "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
-    # The reference's fine-tuning stage after a long run: the generator from its EMA, the
-    # online flow from the teacher again, fresh optimisers, a third of the lr, beta/alpha 0.935
-    # (their fine-tuning alpha/beta), 600 iterations.
-    finetune_ratio0.98_k1_s[01]) ft "realuid_a0.92_b0.9016_k1_s${1##*_s}_it1800" "${1##*_s}" ;;
-    finetune_ratio0.95_k1_s[01]) ft "realuid_a0.92_b0.874_k1_s${1##*_s}_it1800" "${1##*_s}" ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }

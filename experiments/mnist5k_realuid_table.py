@@ -29,9 +29,6 @@ def _fd(path, key):
 def _label(name):
   """Variant label and seed of a run folder (``<run>_it<N>``: that run continued to N
   iterations, its own row)."""
-  if name.startswith("ft_"):  # the study's fine-tuning stage (mnist5k_realuid_study.sh: ft)
-    label, seed = _label(name[3:])
-    return f"fine-tuned (alpha_r 0.92, beta_r 0.86, lr 1e-4, 600 more) after: {label}", seed
   it = ITERATIONS.search(name)
   if it:
     label, seed = _label(ITERATIONS.sub("", name))
