@@ -32,9 +32,7 @@ run() {  # run NAME FLAGS...: distil into ROOT/NAME, then score it on N samples
 # RealUID: the generator loss's 1/2 form (config.fgm.alpha = 0.5), the paper's alpha/beta.
 ruid() {  # ruid ALPHA BETA K SEED [FLAGS...]
   local a=$1 b=$2 k=$3 s=$4; shift 4
-  run "realuid_a${a}_b${b}_k${k}_s${s}" --config.fgm.alpha=0.5 \
-      --config.fgm.real_data.enabled=True --config.fgm.real_data.alpha="$a" \
-      --config.fgm.real_data.beta="$b" --config.fgm.online_steps="$k" --config.seed="$s" "$@"
+  run "realuid_a${a}_b${b}_k${k}_s${s}" $(ruid_flags "$a" "$b" "$k" "$s") "$@"
 }
 
 # A finished run continued to more iterations (the same flags plus --config.num_steps), in a
