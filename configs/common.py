@@ -20,12 +20,16 @@ def parse_variant(variant, known):
 
 
 def optim(lr, b1=0.9, b2=0.999, warmup_steps=0, grad_clip=0.0, ema_decay=0.0,
-          extra_ema_decays=()):
-  """extra_ema_decays (an FGM run's config.optim only): more generator EMAs tracked beside
+          extra_ema_decays=(), decay_steps=(), final_lr_scale=0.0):
+  """decay_steps: () for a constant learning rate after the warm-up, or (start, end): a cosine
+  fall from lr to final_lr_scale * lr between those steps, held after.
+  extra_ema_decays (an FGM run's config.optim only): more generator EMAs tracked beside
   ema_decay's, e.g. (0.9996, 0.9999); each is weights 'ema_<decay>' for job=sample,
   evaluate and export ('ema' is ema_decay's, 'raw' the trained weights)."""
   return ml_collections.ConfigDict(dict(lr=lr, b1=b1, b2=b2, eps=1e-8, weight_decay=0.0,
                                         warmup_steps=warmup_steps, grad_clip=grad_clip,
+                                        decay_steps=tuple(decay_steps),
+                                        final_lr_scale=final_lr_scale,
                                         ema_decay=ema_decay,
                                         extra_ema_decays=tuple(extra_ema_decays)))
 

@@ -40,7 +40,19 @@ ruid() {  # ruid ALPHA BETA K SEED [FLAGS...]
 # the extra iterations, and the data stream (keyed by step) continues as in one long run.
 long() {  # long BASE STEPS FLAGS...: ROOT/BASE continued to STEPS iterations in ROOT/BASE_itSTEPS
   local base=$1 steps=$2; shift 2
-  local name="${base}_it${steps}"
+  continued "${base}_it${steps}" "$base" "$steps" "$@"
+}
+
+# The same, with both learning rates falling (cosine) from lr at BASE's last step, 600, to 0
+# at STEPS: a run with that schedule is the 600-iteration run up to there (optim.py).
+cosine() {  # cosine BASE STEPS FLAGS...: into ROOT/BASE_cosSTEPS
+  local base=$1 steps=$2; shift 2
+  continued "${base}_cos${steps}" "$base" "$steps" \
+      --config.optim.decay_steps="(600, $steps)" --config.online_optim.decay_steps="(600, $steps)" "$@"
+}
+
+continued() {  # continued NAME BASE STEPS FLAGS...
+  local name=$1 base=$2 steps=$3; shift 3
   if [ ! -d "$ROOT/$name" ]; then
     [ -f "$ROOT/$base/eval_n$N.json" ] || variant_of_run "$base"
     cp -r "$ROOT/$base" "$ROOT/$name.partial" && rm -f "$ROOT/$name.partial"/eval*.json
@@ -110,6 +122,13 @@ variant() {
     long_ratio0.98_k1_s[01]) long "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
     long_ratio0.95_k1_s[01]) long "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
+    # 1,800 iterations with the learning rates falling to 0 from iteration 600 (cosine).
+    cos_fgm_s0) cosine fgm 1800 ;;
+    cos_fgm_s1) cosine fgm_s1 1800 --config.seed=1 ;;
+    cos_ratio0.98_k1_s[01]) cosine "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
+    cos_ratio0.95_k1_s[01]) cosine "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac

@@ -1,6 +1,7 @@
 """Optimizers and parameter EMA from an ``optim`` ConfigDict.
 
-Fields: lr, b1, b2, eps, warmup_steps, grad_clip (<= 0 disables), weight_decay, ema_decay
+Fields: lr, b1, b2, eps, warmup_steps, decay_steps and final_lr_scale (a cosine fall of the
+learning rate, see learning_rate_schedule), grad_clip (<= 0 disables), weight_decay, ema_decay
 (0 disables the EMA: the EMA copy then equals the parameters), extra_ema_decays (an FGM
 generator's further EMAs, each named ema_name(decay)); configs/common.optim sets all of them.
 """
@@ -21,6 +22,13 @@ def check_config(optim_config, field: str, extra_emas: bool = False):
       (0 <= o.ema_decay < 1,
        f"{field}.ema_decay={o.ema_decay} must lie in [0, 1); 0 disables the EMA."),
       (o.warmup_steps >= 0, f"{field}.warmup_steps={o.warmup_steps} must be >= 0."),
+      (_decay_ok(o),
+       f"{field}.decay_steps={tuple(_decay_steps(o))}: give () for a constant learning rate "
+       f"or (start, end) with warmup_steps={o.warmup_steps} <= start < end, e.g. "
+       f"--{field}.decay_steps=\"(600, 1800)\"."),
+      (0 <= _final_lr_scale(o) <= 1,
+       f"{field}.final_lr_scale={_final_lr_scale(o)} must lie in [0, 1] (the learning rate at "
+       "the end of decay_steps, as a share of lr)."),
       (extra_emas or not extra,
        f"{field}.extra_ema_decays={extra}: only an FGM generator keeps extra EMAs (its "
        "config.optim); set it to ()."),
@@ -63,13 +71,43 @@ def check_weights(optim_config, weights, field: str):
   return f"{field}={weights!r} is not kept by this run; choose one of {list(names)}."
 
 
+# Sections saved before decay_steps existed (a teacher run's config.json) read as constant.
+def _decay_steps(o):
+  return tuple(o.get("decay_steps", ()) or ())
+
+
+def _final_lr_scale(o):
+  return o.get("final_lr_scale", 0.0)
+
+
+def _decay_ok(o) -> bool:
+  steps = _decay_steps(o)
+  return not steps or (len(steps) == 2 and o.warmup_steps <= steps[0] < steps[1])
+
+
 def learning_rate_schedule(optim_config):
+  """Linear warm-up from 0 over warmup_steps, then lr; with decay_steps = (start, end), a
+  cosine fall from lr at start to final_lr_scale * lr at end, held after. The constant part
+  before start is the same as without decay, so a constant-lr run's checkpoint at step
+  <= start is a valid start for the decayed run (experiments/mnist5k_realuid_study.sh)."""
   lr = optim_config.lr
   warmup = optim_config.warmup_steps
-  if warmup <= 0:
-    return optax.constant_schedule(lr)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  parts, boundaries = [], []
+  if warmup > 0:
+    parts.append(optax.linear_schedule(0.0, lr, warmup))
+    boundaries.append(warmup)
+  steps = _decay_steps(optim_config)
+  if not steps:
+    parts.append(optax.constant_schedule(lr))
+  else:
+    start, end = steps
+    if start > warmup:
+      parts.append(optax.constant_schedule(lr))
+      boundaries.append(start)
+    parts.append(optax.cosine_decay_schedule(lr, end - start, alpha=_final_lr_scale(optim_config)))
+  if len(parts) == 1:
+    return parts[0]
+  return optax.join_schedules(parts, boundaries)
 
 
 def make_optimizer(optim_config, frozen=()) -> optax.GradientTransformation:
