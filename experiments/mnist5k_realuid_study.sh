@@ -73,6 +73,8 @@ variant_of_run() {  # the variant that makes the run ROOT/NAME (for long's base)
     fgm_s1) variant fgm_s1 ;;
     realuid_a0.92_b0.9016_k1_s*) variant "ratio0.98_k1_s${1##*_s}" ;;
     realuid_a0.92_b0.874_k1_s*) variant "ratio0.95_k1_s${1##*_s}" ;;
+    realuid_a0.92_b0.828_k1_s*) variant "ratio0.90_k1_s${1##*_s}" ;;
+    realuid_a0.92_b0.94_k1_s*) variant "headline_k1_s${1##*_s}" ;;
     *) echo "no variant makes $1" >&2; exit 2 ;;
   esac
 }
@@ -130,6 +132,10 @@ variant() {
         $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
     cos_ratio0.95_k1_s[01]) cosine "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
+    cos_ratio0.90_k1_s[01]) cosine "realuid_a0.92_b0.828_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.828 1 "${1##*_s}") ;;
+    cos_headline_k1_s[01]) cosine "realuid_a0.92_b0.94_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.94 1 "${1##*_s}") ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
