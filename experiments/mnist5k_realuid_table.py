@@ -19,6 +19,7 @@ import mnist5k_table  # experiments/ is the script's folder, first on sys.path
 N = 5000
 SEED = re.compile(r"_s(\d+)$")
 ITERATIONS = re.compile(r"_it(\d+)$")
+COSINE = re.compile(r"_cos(\d+)$")
 
 
 def _fd(path, key):
@@ -28,7 +29,12 @@ def _fd(path, key):
 
 def _label(name):
   """Variant label and seed of a run folder (``<run>_it<N>``: that run continued to N
-  iterations, its own row)."""
+  iterations, its own row; ``<run>_cos<N>``: the same with both learning rates falling to 0
+  from iteration 600 to N)."""
+  cos = COSINE.search(name)
+  if cos:
+    label, seed = _label(COSINE.sub("", name))
+    return f"{label}, {int(cos.group(1)):,} iterations, lr cosine to 0 from 600", seed
   it = ITERATIONS.search(name)
   if it:
     label, seed = _label(ITERATIONS.sub("", name))
