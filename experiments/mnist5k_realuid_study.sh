@@ -75,6 +75,7 @@ variant_of_run() {  # the variant that makes the run ROOT/NAME (for long's base)
     realuid_a0.92_b0.874_k1_s*) variant "ratio0.95_k1_s${1##*_s}" ;;
     realuid_a0.92_b0.828_k1_s*) variant "ratio0.90_k1_s${1##*_s}" ;;
     realuid_a0.92_b0.94_k1_s*) variant "headline_k1_s${1##*_s}" ;;
+    realuid_a0.92_b0.92_k1_s*) variant "ratio1.00_k1_s${1##*_s}" ;;
     *) echo "no variant makes $1" >&2; exit 2 ;;
   esac
 }
@@ -103,6 +104,7 @@ variant() {
     ratio0.98_k1_s1) ruid 0.92 0.9016 1 1 ;;
     ratio0.95_k1_s0) ruid 0.92 0.874 1 0 ;;  # b/a = 0.95: beyond the paper's best
     ratio0.95_k1_s1) ruid 0.92 0.874 1 1 ;;
+    ratio1.00_k1_s[01]) ruid 0.92 0.92 1 "${1##*_s}" ;;  # b/a = 1: real data without rescaling
     ratio0.90_k1_s0) ruid 0.92 0.828 1 0 ;;
     ratio0.90_k1_s1) ruid 0.92 0.828 1 1 ;;
     ratio0.98_k3_s0) ruid 0.92 0.9016 3 0 --config.num_steps=300 ;;
@@ -134,6 +136,8 @@ variant() {
         $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
     cos_ratio0.90_k1_s[01]) cosine "realuid_a0.92_b0.828_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.828 1 "${1##*_s}") ;;
+    cos_ratio1.00_k1_s[01]) cosine "realuid_a0.92_b0.92_k1_s${1##*_s}" 1800 \
+        $(ruid_flags 0.92 0.92 1 "${1##*_s}") ;;
     cos_headline_k1_s[01]) cosine "realuid_a0.92_b0.94_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.94 1 "${1##*_s}") ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
