@@ -70,7 +70,7 @@ ruid_flags() {  # ruid_flags ALPHA BETA K SEED: the RealUID flags of one run
 variant_of_run() {  # the variant that makes the run ROOT/NAME (for long's base)
   case $1 in
     fgm) variant fgm_s0 ;;
-    fgm_s1) variant fgm_s1 ;;
+    fgm_s[1-9]) variant "$1" ;;
     realuid_a0.92_b0.9016_k1_s*) variant "ratio0.98_k1_s${1##*_s}" ;;
     realuid_a0.92_b0.874_k1_s*) variant "ratio0.95_k1_s${1##*_s}" ;;
     realuid_a0.92_b0.828_k1_s*) variant "ratio0.90_k1_s${1##*_s}" ;;
@@ -97,14 +97,13 @@ variant() {
       [ -f "$ROOT/fgm/eval_n$N.json" ] || timed "fgm:eval$N" $PY -m fgm_jax.main "${F[@]}" \
           --config.job=evaluate --config.eval.teacher_steps="()" --config.eval.num_samples=$N \
           --config.eval.output="eval_n$N.json" --workdir="$ROOT/fgm" ;;
-    fgm_s1) run fgm_s1 --config.seed=1 ;;
+    fgm_s[1-9]) run "$1" --config.seed="${1##*_s}" ;;
     headline_k1_s0) ruid 0.92 0.94 1 0 ;;  # the paper's unconditional alpha/beta (b/a 1.022)
     headline_k1_s1) ruid 0.92 0.94 1 1 ;;
-    ratio0.98_k1_s0) ruid 0.92 0.9016 1 0 ;;  # b/a = 0.98
-    ratio0.98_k1_s1) ruid 0.92 0.9016 1 1 ;;
+    ratio0.98_k1_s[0-9]) ruid 0.92 0.9016 1 "${1##*_s}" ;;  # b/a = 0.98
     ratio0.95_k1_s0) ruid 0.92 0.874 1 0 ;;  # b/a = 0.95: beyond the paper's best
     ratio0.95_k1_s1) ruid 0.92 0.874 1 1 ;;
-    ratio1.00_k1_s[01]) ruid 0.92 0.92 1 "${1##*_s}" ;;  # b/a = 1: real data without rescaling
+    ratio1.00_k1_s[0-9]) ruid 0.92 0.92 1 "${1##*_s}" ;;  # b/a = 1: real data without rescaling
     ratio0.90_k1_s0) ruid 0.92 0.828 1 0 ;;
     ratio0.90_k1_s1) ruid 0.92 0.828 1 1 ;;
     ratio0.98_k3_s0) ruid 0.92 0.9016 3 0 --config.num_steps=300 ;;
@@ -129,14 +128,14 @@ variant() {
         $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
     # 1,800 iterations with the learning rates falling to 0 from iteration 600 (cosine).
     cos_fgm_s0) cosine fgm 1800 ;;
-    cos_fgm_s1) cosine fgm_s1 1800 --config.seed=1 ;;
-    cos_ratio0.98_k1_s[01]) cosine "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
+    cos_fgm_s[1-9]) cosine "fgm_s${1##*_s}" 1800 --config.seed="${1##*_s}" ;;
+    cos_ratio0.98_k1_s[0-9]) cosine "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
     cos_ratio0.95_k1_s[01]) cosine "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
     cos_ratio0.90_k1_s[01]) cosine "realuid_a0.92_b0.828_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.828 1 "${1##*_s}") ;;
-    cos_ratio1.00_k1_s[01]) cosine "realuid_a0.92_b0.92_k1_s${1##*_s}" 1800 \
+    cos_ratio1.00_k1_s[0-9]) cosine "realuid_a0.92_b0.92_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.92 1 "${1##*_s}") ;;
     cos_headline_k1_s[01]) cosine "realuid_a0.92_b0.94_k1_s${1##*_s}" 1800 \
         $(ruid_flags 0.92 0.94 1 "${1##*_s}") ;;
