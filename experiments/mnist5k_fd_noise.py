@@ -12,11 +12,17 @@ smaller than about twice the sampler's standard deviation are not resolved.
 """
 
 import json
+import os
+import sys
 import time
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+# The config files import configs/ (the repo root), which `python experiments/...` does not put
+# on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fgm_jax import config_checks
 from fgm_jax.evaluation import feature_classifier as fc
