@@ -23,11 +23,11 @@ def check_config(optim_config, field: str, extra_emas: bool = False):
        f"{field}.ema_decay={o.ema_decay} must lie in [0, 1); 0 disables the EMA."),
       (o.warmup_steps >= 0, f"{field}.warmup_steps={o.warmup_steps} must be >= 0."),
       (_decay_ok(o),
-       f"{field}.decay_steps={tuple(_decay_steps(o))}: give () for a constant learning rate "
+       f"{field}.decay_steps={_decay_steps(o)}: give () for a constant learning rate "
        f"or (start, end) with warmup_steps={o.warmup_steps} <= start < end, e.g. "
        f"--{field}.decay_steps=\"(600, 1800)\"."),
-      (0 <= _final_lr_scale(o) <= 1,
-       f"{field}.final_lr_scale={_final_lr_scale(o)} must lie in [0, 1] (the learning rate at "
+      (0 <= o.final_lr_scale <= 1,
+       f"{field}.final_lr_scale={o.final_lr_scale} must lie in [0, 1] (the learning rate at "
        "the end of decay_steps, as a share of lr)."),
       (extra_emas or not extra,
        f"{field}.extra_ema_decays={extra}: only an FGM generator keeps extra EMAs (its "
@@ -71,13 +71,8 @@ def check_weights(optim_config, weights, field: str):
   return f"{field}={weights!r} is not kept by this run; choose one of {list(names)}."
 
 
-# Sections saved before decay_steps existed (a teacher run's config.json) read as constant.
 def _decay_steps(o):
-  return tuple(o.get("decay_steps", ()) or ())
-
-
-def _final_lr_scale(o):
-  return o.get("final_lr_scale", 0.0)
+  return tuple(o.decay_steps)
 
 
 def _decay_ok(o) -> bool:
@@ -104,7 +99,7 @@ def learning_rate_schedule(optim_config):
     if start > warmup:
       parts.append(optax.constant_schedule(lr))
       boundaries.append(start)
-    parts.append(optax.cosine_decay_schedule(lr, end - start, alpha=_final_lr_scale(optim_config)))
+    parts.append(optax.cosine_decay_schedule(lr, end - start, alpha=optim_config.final_lr_scale))
   if len(parts) == 1:
     return parts[0]
   return optax.join_schedules(parts, boundaries)

@@ -107,6 +107,21 @@ def test_config_problems_and_missing_package_are_one_line(monkeypatch):
   mnist5k._raw.cache_clear()
 
 
+def test_realuid_variant_is_the_study_recipe_and_validates():
+  """configs/mnist_fgm.py:realuid is the RealUID study's best real-data run (its results file):
+  the checks accept it, alone and with runlocal, and it keeps the default's teacher."""
+  from configs import mnist_fgm
+  from fgm_jax import config_checks
+  default, c = mnist_fgm.get_config(), mnist_fgm.get_config("realuid")
+  for config in (c, mnist_fgm.get_config("realuid,runlocal")):
+    config.job = "compile"  # what training checks, short of the teacher's files
+    config_checks.validate(config)
+  assert (c.fgm.real_data.enabled, c.fgm.real_data.alpha, c.fgm.real_data.beta, c.fgm.alpha,
+          c.num_steps) == (True, 0.92, 0.92, 0.5, 1800)
+  assert c.optim.decay_steps == c.online_optim.decay_steps == (600, 1800)
+  assert c.teacher.to_dict() == default.teacher.to_dict()
+
+
 # --- the metric ---------------------------------------------------------------------------------
 
 
