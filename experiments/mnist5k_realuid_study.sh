@@ -106,14 +106,12 @@ variant() {
     ratio1.00_k1_s[0-9]) ruid 0.92 0.92 1 "${1##*_s}" ;;  # b/a = 1: real data without rescaling
     ratio0.90_k1_s0) ruid 0.92 0.828 1 0 ;;
     ratio0.90_k1_s1) ruid 0.92 0.828 1 1 ;;
-    ratio0.98_k3_s0) ruid 0.92 0.9016 3 0 --config.num_steps=300 ;;
-    ratio0.98_k5_s0) ruid 0.92 0.9016 5 0 --config.num_steps=200 ;;
+    ratio0.98_k3_s[0-9]) ruid 0.92 0.9016 3 "${1##*_s}" --config.num_steps=300 ;;
+    ratio0.98_k5_s[0-9]) ruid 0.92 0.9016 5 "${1##*_s}" --config.num_steps=200 ;;
     # K online updates per generator update at equal compute: an iteration costs K + 1
     # network updates against 2 at K = 1, so 600 * 2 / (K + 1) iterations.
-    headline_k3_s0) ruid 0.92 0.94 3 0 --config.num_steps=300 ;;
-    headline_k3_s1) ruid 0.92 0.94 3 1 --config.num_steps=300 ;;
-    headline_k5_s0) ruid 0.92 0.94 5 0 --config.num_steps=200 ;;
-    headline_k5_s1) ruid 0.92 0.94 5 1 --config.num_steps=200 ;;
+    headline_k3_s[0-9]) ruid 0.92 0.94 3 "${1##*_s}" --config.num_steps=300 ;;
+    headline_k5_s[0-9]) ruid 0.92 0.94 5 "${1##*_s}" --config.num_steps=200 ;;
     # beta > 1 (outside the paper's range; opt-in): the real-data target scale
     # (1 - beta)/(1 - alpha) turns negative, which pulls the student toward the data.
     pull_a${PULL_A:-0.5}_b${PULL_B:-1.5}_k${PULL_K:-1}_s${PULL_S:-0})
