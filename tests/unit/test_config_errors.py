@@ -37,6 +37,17 @@ def test_negative_learning_rate(tmp_path, no_compile):
   _expect(c, tmp_path, "config.optim.lr=-0.001", "must be > 0", "--config.optim.lr=")
 
 
+def test_bad_decay_steps_are_refused(tmp_path, no_compile):
+  c = helpers.tiny_teacher_config()
+  c.optim.warmup_steps = 10
+  c.optim.decay_steps = (5, 20)
+  _expect(c, tmp_path, "config.optim.decay_steps=(5, 20)", "warmup_steps=10 <= start < end",
+          "--config.optim.decay_steps=")
+  c.optim.decay_steps = ()
+  c.optim.final_lr_scale = 1.5
+  _expect(c, tmp_path, "config.optim.final_lr_scale=1.5", "[0, 1]")
+
+
 def test_online_learning_rate_in_distill(tmp_path, no_compile):
   c = helpers.tiny_fgm_config(str(tmp_path / "teacher"))
   c.online_optim.lr = 0.0

@@ -9,8 +9,6 @@ import pytest
 
 from configs import common
 from fgm_jax.train import optim
-from tests import helpers
-from tests.unit.test_config_errors import _expect, no_compile  # noqa: F401 (fixture)
 
 
 def _cosine(lr, step, start, end, final):
@@ -47,14 +45,3 @@ def test_decayed_run_starts_as_the_constant_run():
   params = {"w": jnp.ones((3,))}
   trees = [jax.tree.structure(optim.make_optimizer(o).init(params)) for o in (const, decayed)]
   assert trees[0] == trees[1]
-
-
-def test_bad_decay_steps_are_refused(tmp_path, no_compile):  # noqa: F811
-  c = helpers.tiny_teacher_config()
-  c.optim.warmup_steps = 10
-  c.optim.decay_steps = (5, 20)
-  _expect(c, tmp_path, "config.optim.decay_steps=(5, 20)", "warmup_steps=10 <= start < end",
-          "--config.optim.decay_steps=")
-  c.optim.decay_steps = ()
-  c.optim.final_lr_scale = 1.5
-  _expect(c, tmp_path, "config.optim.final_lr_scale=1.5", "[0, 1]")
