@@ -35,30 +35,31 @@ ruid() {  # ruid ALPHA BETA K SEED [FLAGS...]
   run "realuid_a${a}_b${b}_k${k}_s${s}" $(ruid_flags "$a" "$b" "$k" "$s") "$@"
 }
 
-# A finished run continued to more iterations (the same flags plus --config.num_steps), in a
+# A finished run continued to more iterations (its own flags plus --config.num_steps), in a
 # copy of its workdir: the run resumes from its last checkpoint, so the extension costs only
 # the extra iterations, and the data stream (keyed by step) continues as in one long run.
-long() {  # long BASE STEPS FLAGS...: ROOT/BASE continued to STEPS iterations in ROOT/BASE_itSTEPS
-  local base=$1 steps=$2; shift 2
-  continued "${base}_it${steps}" "$base" "$steps" "$@"
+long() {  # long BASE STEPS: ROOT/BASE continued to STEPS iterations in ROOT/BASE_itSTEPS
+  continued "${1}_it${2}" "$1" "$2"
 }
 
 # The same, with both learning rates falling (cosine) from lr at BASE's last step, 600, to 0
 # at STEPS: a run with that schedule is the 600-iteration run up to there (optim.py).
-cosine() {  # cosine BASE STEPS FLAGS...: into ROOT/BASE_cosSTEPS
-  local base=$1 steps=$2; shift 2
-  continued "${base}_cos${steps}" "$base" "$steps" \
-      --config.optim.decay_steps="(600, $steps)" --config.online_optim.decay_steps="(600, $steps)" "$@"
+cosine() {  # cosine BASE STEPS: into ROOT/BASE_cosSTEPS
+  continued "${1}_cos${2}" "$1" "$2" \
+      --config.optim.decay_steps="(600, $2)" --config.online_optim.decay_steps="(600, $2)"
 }
 
-continued() {  # continued NAME BASE STEPS FLAGS...
-  local name=$1 base=$2 steps=$3; shift 3
+continued() {  # continued NAME BASE STEPS [FLAGS...]
+  local name=$1 base=$2 steps=$3 flags; shift 3
+  flags=$(run_flags "$base")  # (a plain assignment: set -e stops at an unknown name)
   if [ ! -d "$ROOT/$name" ]; then
-    [ -f "$ROOT/$base/eval_n$N.json" ] || variant_of_run "$base"
+    if [ ! -f "$ROOT/$base/eval_n$N.json" ]; then  # the 600-iteration run first
+      if [ "$base" = fgm ]; then variant fgm_s0; else run "$base" $flags; fi
+    fi
     cp -r "$ROOT/$base" "$ROOT/$name.partial" && rm -f "$ROOT/$name.partial"/eval*.json
     mv "$ROOT/$name.partial" "$ROOT/$name"
   fi
-  run "$name" --config.num_steps="$steps" "$@"
+  run "$name" --config.num_steps="$steps" "$@" $flags
 }
 
 ruid_flags() {  # ruid_flags ALPHA BETA K SEED: the RealUID flags of one run
@@ -67,17 +68,19 @@ ruid_flags() {  # ruid_flags ALPHA BETA K SEED: the RealUID flags of one run
       --config.fgm.online_steps="$3" --config.seed="$4"
 }
 
-variant_of_run() {  # the variant that makes the run ROOT/NAME (for long's base)
-  case $1 in
-    fgm) variant fgm_s0 ;;
-    fgm_s[1-9]) variant "$1" ;;
-    realuid_a0.92_b0.9016_k1_s*) variant "ratio0.98_k1_s${1##*_s}" ;;
-    realuid_a0.92_b0.874_k1_s*) variant "ratio0.95_k1_s${1##*_s}" ;;
-    realuid_a0.92_b0.828_k1_s*) variant "ratio0.90_k1_s${1##*_s}" ;;
-    realuid_a0.92_b0.94_k1_s*) variant "headline_k1_s${1##*_s}" ;;
-    realuid_a0.92_b0.92_k1_s*) variant "ratio1.00_k1_s${1##*_s}" ;;
-    *) echo "no variant makes $1" >&2; exit 2 ;;
-  esac
+# A run's flags read from its folder's name (fgm, fgm_s<S>, realuid_a<A>_b<B>_k<K>_s<S>), so
+# a continuation always trains with its base's flags.
+REALUID_RUN='^realuid_a([0-9.]+)_b([0-9.]+)_k([0-9]+)_s([0-9]+)$'
+run_flags() {  # run_flags NAME
+  if [ "$1" = fgm ]; then
+    return 0
+  elif [[ $1 =~ ^fgm_s([0-9]+)$ ]]; then
+    echo --config.seed="${BASH_REMATCH[1]}"
+  elif [[ $1 =~ $REALUID_RUN ]]; then
+    ruid_flags "${BASH_REMATCH[@]:1}"
+  else
+    echo "no run is named $1" >&2; exit 2
+  fi
 }
 
 variant() {
@@ -98,14 +101,11 @@ variant() {
           --config.job=evaluate --config.eval.teacher_steps="()" --config.eval.num_samples=$N \
           --config.eval.output="eval_n$N.json" --workdir="$ROOT/fgm" ;;
     fgm_s[1-9]) run "$1" --config.seed="${1##*_s}" ;;
-    headline_k1_s0) ruid 0.92 0.94 1 0 ;;  # the paper's unconditional alpha/beta (b/a 1.022)
-    headline_k1_s1) ruid 0.92 0.94 1 1 ;;
+    headline_k1_s[0-9]) ruid 0.92 0.94 1 "${1##*_s}" ;;  # the paper's unconditional alpha/beta (b/a 1.022)
     ratio0.98_k1_s[0-9]) ruid 0.92 0.9016 1 "${1##*_s}" ;;  # b/a = 0.98
-    ratio0.95_k1_s0) ruid 0.92 0.874 1 0 ;;  # b/a = 0.95: beyond the paper's best
-    ratio0.95_k1_s1) ruid 0.92 0.874 1 1 ;;
+    ratio0.95_k1_s[0-9]) ruid 0.92 0.874 1 "${1##*_s}" ;;  # b/a = 0.95: beyond the paper's best
     ratio1.00_k1_s[0-9]) ruid 0.92 0.92 1 "${1##*_s}" ;;  # b/a = 1: real data without rescaling
-    ratio0.90_k1_s0) ruid 0.92 0.828 1 0 ;;
-    ratio0.90_k1_s1) ruid 0.92 0.828 1 1 ;;
+    ratio0.90_k1_s[0-9]) ruid 0.92 0.828 1 "${1##*_s}" ;;
     ratio0.98_k3_s[0-9]) ruid 0.92 0.9016 3 "${1##*_s}" --config.num_steps=300 ;;
     ratio0.98_k5_s[0-9]) ruid 0.92 0.9016 5 "${1##*_s}" --config.num_steps=200 ;;
     # K online updates per generator update at equal compute: an iteration costs K + 1
@@ -119,24 +119,17 @@ variant() {
           --config.fgm.real_data.allow_beta_above_one=True ;;
     # Three times as long (1,800 iterations): the 600-iteration runs above, continued.
     long_fgm_s0) long fgm 1800 ;;
-    long_fgm_s1) long fgm_s1 1800 --config.seed=1 ;;
-    long_ratio0.98_k1_s[01]) long "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
-    long_ratio0.95_k1_s[01]) long "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
+    long_fgm_s[1-9]) long "fgm_s${1##*_s}" 1800 ;;
+    long_ratio0.98_k1_s[0-9]) long "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 ;;
+    long_ratio0.95_k1_s[0-9]) long "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 ;;
     # 1,800 iterations with the learning rates falling to 0 from iteration 600 (cosine).
     cos_fgm_s0) cosine fgm 1800 ;;
-    cos_fgm_s[1-9]) cosine "fgm_s${1##*_s}" 1800 --config.seed="${1##*_s}" ;;
-    cos_ratio0.98_k1_s[0-9]) cosine "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.9016 1 "${1##*_s}") ;;
-    cos_ratio0.95_k1_s[01]) cosine "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.874 1 "${1##*_s}") ;;
-    cos_ratio0.90_k1_s[01]) cosine "realuid_a0.92_b0.828_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.828 1 "${1##*_s}") ;;
-    cos_ratio1.00_k1_s[0-9]) cosine "realuid_a0.92_b0.92_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.92 1 "${1##*_s}") ;;
-    cos_headline_k1_s[01]) cosine "realuid_a0.92_b0.94_k1_s${1##*_s}" 1800 \
-        $(ruid_flags 0.92 0.94 1 "${1##*_s}") ;;
+    cos_fgm_s[1-9]) cosine "fgm_s${1##*_s}" 1800 ;;
+    cos_ratio0.98_k1_s[0-9]) cosine "realuid_a0.92_b0.9016_k1_s${1##*_s}" 1800 ;;
+    cos_ratio0.95_k1_s[0-9]) cosine "realuid_a0.92_b0.874_k1_s${1##*_s}" 1800 ;;
+    cos_ratio0.90_k1_s[0-9]) cosine "realuid_a0.92_b0.828_k1_s${1##*_s}" 1800 ;;
+    cos_ratio1.00_k1_s[0-9]) cosine "realuid_a0.92_b0.92_k1_s${1##*_s}" 1800 ;;
+    cos_headline_k1_s[0-9]) cosine "realuid_a0.92_b0.94_k1_s${1##*_s}" 1800 ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
